@@ -1,0 +1,190 @@
+"""The `eprl` command line: thin wiring of envs, agent, trainer and serving (no logic here).
+
+Heavy modules are imported inside each command so that `eprl --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="eprl: entropy-preserving RL for LLM agents (AppWorld and code execution).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+appworld_app = typer.Typer(help="AppWorld runtime: setup, offline data, diagnostics.", no_args_is_help=True)
+app.add_typer(appworld_app, name="appworld")
+
+
+def _impl(module: str, attr: str, issue: int):
+    """Import module.attr; a module not written yet gives a clear 'not implemented yet' exit."""
+    if importlib.util.find_spec(module) is None:
+        typer.echo(f"eprl: this command is not implemented yet (issue #{issue}: {module})", err=True)
+        raise typer.Exit(2)
+    return getattr(importlib.import_module(module), attr)
+
+
+def _fail(exc: Exception) -> None:
+    typer.echo(f"eprl: error: {exc}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    config: Annotated[str | None, typer.Argument(help="run config YAML (default: all defaults)")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. trainer.lr=1e-6")] = None,
+    resume: Annotated[str | None, typer.Option(help="continue the run in this directory")] = None,
+) -> None:
+    """Train a policy: rollouts -> advantages -> objective -> updates -> checkpoints."""
+    run = _impl("trainer.loop", "train_from_cli", 7)
+    from trainer.config import ConfigError
+
+    try:
+        run(config, overrides or [], resume)
+    except ConfigError as exc:
+        _fail(exc)
+
+
+@app.command()
+def demo(
+    config: Annotated[str, typer.Argument(help="run config YAML")] = "configs/quickstart.yaml",
+) -> None:
+    """The quick start: train the embedded model, then evaluate it against the untrained one."""
+    run = _impl("trainer.demo", "run_demo", 7)
+    run(config)
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Annotated[str, typer.Option(help="checkpoint folder, model name or OpenAI-compatible URL")],
+    env: Annotated[str, typer.Option(help="environment id, e.g. eprl/CodeExec-v0")] = "eprl/CodeExec-v0",
+    split: Annotated[str, typer.Option(help="task split")] = "test",
+    k: Annotated[int, typer.Option(help="samples per task")] = 4,
+    backend: Annotated[str, typer.Option(help="hf | vllm | openai")] = "hf",
+    out: Annotated[str | None, typer.Option(help="results JSON (resumable)")] = None,
+    num_tasks: Annotated[int | None, typer.Option(help="evaluate only the first N tasks")] = None,
+    env_kwargs: Annotated[str | None, typer.Option(help="environment kwargs as JSON")] = None,
+    compare: Annotated[list[str] | None, typer.Option(help="print a side-by-side table of result JSONs")] = None,
+) -> None:
+    """Evaluate a model on an environment split: pass@1, pass@k, reward, success, diversity."""
+    run = _impl("trainer.evaluate", "evaluate_cli", 9)
+    try:
+        run(model=model, env=env, split=split, k=k, backend=backend, out=out,
+            num_tasks=num_tasks, env_kwargs=env_kwargs, compare=compare)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command()
+def rollout(
+    model: Annotated[str, typer.Option(help="model name or folder")] = "smollm2-135m-instruct",
+    env: Annotated[str, typer.Option(help="environment id")] = "eprl/CodeExec-v0",
+    split: Annotated[str, typer.Option(help="task split")] = "train",
+    k: Annotated[int, typer.Option(help="episodes per task (group size)")] = 4,
+    num_tasks: Annotated[int, typer.Option(help="number of tasks")] = 4,
+    out: Annotated[str, typer.Option(help="output JSONL")] = "trajectories.jsonl",
+    backend: Annotated[str, typer.Option(help="hf | vllm | openai")] = "hf",
+    max_turns: Annotated[int, typer.Option(help="turn limit per episode")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per turn")] = 96,
+    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
+    env_kwargs: Annotated[str | None, typer.Option(help="environment kwargs as JSON")] = None,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+) -> None:
+    """Sample episodes and write them as JSONL (trajectories.jsonl)."""
+    run = _impl("agent.cli", "rollout_cli", 5)
+    try:
+        run(model=model, env=env, split=split, k=k, num_tasks=num_tasks, out=out, backend=backend,
+            max_turns=max_turns, max_new_tokens=max_new_tokens, temperature=temperature,
+            env_kwargs=env_kwargs, seed=seed)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    token: Annotated[str | None, typer.Option(help="bearer token (or $EPRL_TOKEN)")] = None,
+    max_sessions: Annotated[int, typer.Option(help="bound on concurrent sessions")] = 64,
+) -> None:
+    """Run the environment service (FastAPI) for remote clients."""
+    run = _impl("serving.app", "serve", 8)
+    try:
+        run(host=host, port=port, token=token or os.environ.get("EPRL_TOKEN"), max_sessions=max_sessions)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command()
+def envs() -> None:
+    """List registered environments, their task sets, splits and task counts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import envs  # noqa: F401  (registers the ids)
+
+    table = Table(title="eprl environments")
+    for col in ("env id", "task set", "splits (tasks)"):
+        table.add_column(col)
+    for module in ("envs.codeexec", "envs.appworld"):
+        if importlib.util.find_spec(module) is None:
+            continue
+        for row in importlib.import_module(module).catalogue():
+            splits = ", ".join(f"{s} ({n})" for s, n in row["splits"].items()) or "-"
+            table.add_row(row["env_id"], str(row.get("task_set", "-")), splits)
+    table.add_row("eprl/Remote-v0", "any, served by `eprl serve`", "those of the remote env")
+    Console().print(table)
+
+
+@app.command()
+def models(
+    dirs: Annotated[list[str] | None, typer.Argument(help="extra folders to scan for HF models")] = None,
+) -> None:
+    """Show the models available offline (the embedded SmolLM2 and local folders)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from agent.models import list_models
+
+    table = Table(title="models")
+    for col in ("name", "source", "location", "ready"):
+        table.add_column(col)
+    for entry in list_models(dirs):
+        table.add_row(entry.name, entry.source, entry.location, "yes" if entry.ready else "no")
+    Console().print(table)
+
+
+@appworld_app.command("setup")
+def appworld_setup() -> None:
+    """Check the isolated AppWorld venv and unpack its apps (offline)."""
+    raise typer.Exit(_impl("envs.appworld.cli", "setup", 6)())
+
+
+@appworld_app.command("make-data")
+def appworld_make_data(
+    out: Annotated[str, typer.Option(help="data root to create (APPWORLD_ROOT)")],
+    seed: Annotated[int, typer.Option(help="generation seed")] = 0,
+) -> None:
+    """Generate a small offline dataset in AppWorld's own format with the real apps."""
+    raise typer.Exit(_impl("envs.appworld.cli", "make_data", 6)(out=out, seed=seed))
+
+
+@appworld_app.command("doctor")
+def appworld_doctor() -> None:
+    """Say what is installed, where the data is, and whether a server starts."""
+    raise typer.Exit(_impl("envs.appworld.cli", "doctor", 6)())
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Typed run configuration: YAML files plus dotted command-line overrides.
+
+A run is described by one :class:`RunConfig`. Every section forbids unknown keys, so a typo is an
+error that names the key instead of a silently ignored setting::
+
+    cfg = load_config("configs/quickstart.yaml", ["trainer.lr=1e-6", "rollout.group_size=8"])
+
+Override values are parsed as YAML scalars/lists (``1e-6`` -> float, ``[a, b]`` -> list,
+``null`` -> None). :func:`save_config` writes the resolved config; loading it back gives an equal
+object (round trip).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what was expected."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which weights to load: the embedded default, a local HF folder, or a hub name."""
+
+    name: str = "smollm2-135m-instruct"
+    # dtype of the learner's (and in-process policy's) weights; the loss path is set by `precision`
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class VLLMConfig(_Section):
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    max_model_len: int = Field(4096, ge=128)
+    enforce_eager: bool = True
+    # ask vLLM for an fp32 LM head (hf_overrides head_dtype) so sampler log-probs match the learner
+    fp32_head: bool = True
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+class OpenAIConfig(_Section):
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class PolicyConfig(_Section):
+    """The sampler that generates rollouts."""
+
+    backend: Literal["hf", "vllm", "openai"] = "hf"
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    vllm: VLLMConfig = VLLMConfig()
+    openai: OpenAIConfig = OpenAIConfig()
+
+
+class EnvConfig(_Section):
+    """The Gymnasium environment and the split that training draws tasks from."""
+
+    id: str = "eprl/CodeExec-v0"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    train_split: str = "train"
+    # remote environment service replicas; empty -> environments run in this process
+    urls: list[str] = Field(default_factory=list)
+    token_env: str = "EPRL_TOKEN"
+
+
+class RolloutConfig(_Section):
+    tasks_per_step: int = Field(4, ge=1)
+    group_size: int = Field(4, ge=1, description="K episodes per task (a group)")
+    max_turns: int = Field(1, ge=1)
+    max_new_tokens: int = Field(96, ge=1, description="tokens per agent turn")
+    max_context_tokens: int = Field(2048, ge=16)
+    # a turn ends at the end of a code cell; EOS also ends it
+    stop: list[str] = Field(default_factory=lambda: ["\n```\n"])
+    env_workers: int = Field(8, ge=1, description="threads stepping environments concurrently")
+
+
+class RepoConfig(_Section):
+    """REPO: advantage shaping with the centred log-prob (methods.md)."""
+
+    variant: Literal["none", "d", "r", "r_sym"] = "none"
+    zeta_init: float = Field(0.02, ge=0)
+    zeta_min: float = Field(1e-4, ge=0)
+    zeta_max: float = Field(1.0, ge=0)
+    factor: float = Field(2.0, gt=1)
+    dead_band: float = Field(0.05, ge=0, lt=1, description="relative band around the target")
+    target_entropy: float | None = Field(None, description="None -> entropy of the first batch")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RepoConfig:
+        if not self.zeta_min <= self.zeta_init <= self.zeta_max:
+            raise ValueError(
+                f"need zeta_min <= zeta_init <= zeta_max, got {self.zeta_min}, "
+                f"{self.zeta_init}, {self.zeta_max}"
+            )
+        return self
+
+
+class AdapoConfig(_Section):
+    """ADAPO: adapt eps_high toward a target entropy (methods.md)."""
+
+    enabled: bool = False
+    eps_high_min: float | None = Field(None, description="None -> objective.eps_low")
+    eps_high_max: float = Field(0.5, gt=0)
+    factor: float = Field(1.1, gt=1)
+    dead_band: float = Field(0.05, ge=0, lt=1)
+    target_entropy: float | None = None
+
+
+class ObjectiveConfig(_Section):
+    advantage: Literal["rloo", "grpo", "dr_grpo"] = "rloo"
+    # LOOP drops episodes whose |advantage| is below this threshold (0 keeps all)
+    adv_filter_threshold: float = Field(0.0, ge=0)
+    eps_low: float = Field(0.2, ge=0, lt=1)
+    eps_high: float = Field(0.28, ge=0)
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = (
+        "token_mean"
+    )
+    entropy_coef: float = 0.0
+    kl_coef: float = Field(0.0, ge=0)
+    # truncated importance sampling against the sampler's log-probs; None disables it
+    tis_cap: float | None = Field(None, gt=0)
+    # where the PPO ratio's "old" log-probs come from: recomputed by the learner (LOOP) or the
+    # sampler's own
+    old_logprobs: Literal["learner", "sampler"] = "learner"
+    repo: RepoConfig = RepoConfig()
+    adapo: AdapoConfig = AdapoConfig()
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+class TrainerConfig(_Section):
+    """The learner: optimisation settings and which backend runs them."""
+
+    learner: Literal["torch", "deepspeed"] = "torch"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    lr: float = Field(3e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch")
+    micro_batch_size: int = Field(4, ge=1, description="episodes per forward/backward")
+    max_nonfinite_in_a_row: int = Field(3, ge=1)
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    lora: LoraConfig = LoraConfig()
+
+
+class PrecisionConfig(_Section):
+    """The loss path's arithmetic. `bf16` exists only to reproduce the failure (methods.md)."""
+
+    loss: Literal["fp32", "bf16"] = "fp32"
+    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the LM-head projection")
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0, description="evaluate every N steps; 0 -> only at the end")
+    split: str = "dev"
+    k: int = Field(4, ge=1)
+    num_tasks: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    at_start: bool = True
+
+
+class LoggingConfig(_Section):
+    runs_root: str = "runs"
+    run_name: str | None = None
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "eprl"
+    progress: bool = True
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(10, ge=1)
+    keep_last: int = Field(2, ge=1)
+    save_optimizer: bool = True
+
+
+class RunConfig(_Section):
+    seed: int = 0
+    steps: int = Field(20, ge=1)
+    model: ModelConfig = ModelConfig()
+    policy: PolicyConfig = PolicyConfig()
+    env: EnvConfig = EnvConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    precision: PrecisionConfig = PrecisionConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _held_out(self) -> RunConfig:
+        if self.env.train_split == self.eval.split:
+            raise ValueError(
+                f"env.train_split and eval.split are both {self.eval.split!r}: the evaluation "
+                "split must be held out from training"
+            )
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            got = e.get("input")
+            lines.append(f"  {key}: {e['msg']} (got {got!r})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``a.b.c``, checking each key against the schema."""
+    keys = dotted.split(".")
+    model: type[BaseModel] | None = RunConfig
+    node = tree
+    for depth, key in enumerate(keys):
+        if model is not None:
+            if key not in model.model_fields:
+                prefix = ".".join(keys[:depth]) or "<root>"
+                valid = ", ".join(sorted(model.model_fields))
+                raise ConfigError(f"unknown config key {dotted!r}: {prefix} has no {key!r} (valid: {valid})")
+            annotation = model.model_fields[key].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if depth == len(keys) - 1:
+            node[key] = value
+        else:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key!r}: cannot parse value {raw!r}: {exc}") from exc
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config (None -> all defaults) and apply dotted overrides."""
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}")
+        tree = loaded or {}
+        source = str(p)
+    apply_overrides(tree, overrides or [])
+    return config_from_dict(tree, source)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config (every default filled in) atomically."""
+    p = Path(path)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, p)
