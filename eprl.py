@@ -44,11 +44,9 @@ def train(
 ) -> None:
     """Train a policy: rollouts -> advantages -> objective -> updates -> checkpoints."""
     run = _impl("trainer.loop", "train_from_cli", 7)
-    from trainer.config import ConfigError
-
     try:
         run(config, overrides or [], resume)
-    except ConfigError as exc:
+    except ValueError as exc:
         _fail(exc)
 
 

@@ -1,0 +1,256 @@
+"""End-to-end training runs with a tiny model: artifacts, learning, resume, weight push."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gymnasium
+import pytest
+import torch
+
+from trainer.config import load_config
+from trainer.loop import Trainer, latest_checkpoint, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+DESIGN_METRICS = [
+    "reward/mean",
+    "success/rate",
+    "entropy/mean",
+    "entropy/initial",
+    "clip/low_frac",
+    "clip/high_frac",
+    "ratio/mean",
+    "ratio/max",
+    "mismatch/kl",
+    "adv/mean",
+    "adv/std",
+    "repo/zeta",
+    "adapo/eps_high",
+    "grad/norm",
+    "perf/tokens_per_s",
+    "perf/rollout_s",
+    "perf/learn_s",
+]
+
+
+def tiny_overrides(model_dir, runs_root, **extra):
+    base = {
+        "model.name": model_dir,
+        "steps": 2,
+        "rollout.tasks_per_step": 2,
+        "rollout.group_size": 2,
+        "rollout.max_new_tokens": 8,
+        "rollout.max_context_tokens": 512,
+        "eval.num_tasks": 2,
+        "eval.k": 2,
+        "eval.at_start": True,
+        "checkpoint.every": 1,
+        "checkpoint.keep_last": 2,
+        "logging.runs_root": str(runs_root),
+        "logging.run_name": "run",
+        "logging.progress": False,
+        "trainer.micro_batch_size": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_few_step_run_writes_every_artifact(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml", tiny_overrides(tiny_model_dir, tmp_path)
+    )
+    run_dir = tmp_path / "run"
+    run_training(cfg, run_dir)
+
+    assert load_config(run_dir / "config.yaml") == cfg
+    metrics = rows(run_dir)
+    assert [r["step"] for r in metrics] == [0, 1, 2]
+    for key in DESIGN_METRICS:
+        assert key in metrics[1], key
+    assert "eval/dev/pass@1" in metrics[0] and "eval/dev/pass@k" in metrics[2]
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    for name in ("report.md", "reward.png", "entropy.png", "clip.png", "success.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint.name == "step_2"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1", "step_2"]
+    # the checkpoint is a plain HF folder
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(checkpoint)
+    assert (checkpoint / "trainer_state.pt").exists() and (checkpoint / "learner.pt").exists()
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2 and state["zeta"]["target_entropy"] == pytest.approx(
+        metrics[1]["entropy/initial"]
+    )
+    assert model.config.vocab_size > 0
+
+
+class DigitRewardEnv(gymnasium.Env):
+    """A trivially learnable task for the reward-only sanity check: the reward is the share of
+    lowercase ASCII letters in the reply (a dense signal any causal LM can pick up in a few
+    steps, even a randomly initialised one)."""
+
+    observation_space = gymnasium.spaces.Text(max_length=100)
+    action_space = gymnasium.spaces.Text(max_length=10_000)
+
+    def __init__(self):
+        self.splits = ["train", "dev"]
+
+    def task_ids(self, split):
+        return [f"{split}-{i}" for i in range(8)]
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.task = (options or {}).get("task_id", "train-0")
+        return "Say some numbers.", {"task_id": self.task, "turn": 0}
+
+    def step(self, action):
+        reward = sum("a" <= c <= "z" for c in action) / max(len(action), 1)
+        return (
+            "",
+            reward,
+            True,
+            False,
+            {
+                "task_id": self.task,
+                "turn": 1,
+                "success": reward > 0.5,
+                "tests_passed": 0,
+                "tests_total": 0,
+            },
+        )
+
+
+def peaked_copy(model_dir, out_dir):
+    """The tiny model with embeddings scaled up: its next-token distributions are peaked on a few
+    tokens (like a trained LM's), so a policy gradient reranks tokens it actually samples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10.0)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def test_mean_reward_rises_on_a_trivially_learnable_task(tiny_model_dir, tmp_path):
+    gymnasium.register(
+        "eprl-test/DigitReward-v0", entry_point=DigitRewardEnv, disable_env_checker=True
+    )
+    overrides = tiny_overrides(
+        peaked_copy(tiny_model_dir, tmp_path / "peaked"),
+        tmp_path,
+        **{
+            "env.id": "eprl-test/DigitReward-v0",
+            "env.kwargs": "{}",
+            "steps": 12,
+            "rollout.tasks_per_step": 4,
+            "rollout.group_size": 4,
+            "rollout.max_new_tokens": 6,
+            "trainer.lr": 3e-3,
+            "eval.at_start": False,
+            "checkpoint.every": 100,
+            "objective.repo.variant": "none",
+            "logging.tensorboard": False,
+        },
+    )
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides)
+    run_training(cfg, tmp_path / "run")
+    rewards = [r["reward/mean"] for r in rows(tmp_path / "run") if r["step"] > 0]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
+
+
+def test_resume_after_sigkill_continues_from_the_last_checkpoint(tiny_model_dir, tmp_path):
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, steps=4, **{"eval.at_start": False})
+    command = [
+        sys.executable,
+        "-m",
+        "eprl",
+        "train",
+        str(REPO / "configs" / "quickstart.yaml"),
+        *overrides,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    run_dir = tmp_path / "run"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "checkpoints" / "step_2").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(run_dir).name in ("step_2", "step_3")
+    resumed_from = int(latest_checkpoint(run_dir).name.split("_")[1])
+
+    subprocess.run(
+        [sys.executable, "-m", "eprl", "train", "--resume", str(run_dir)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    steps = [r["step"] for r in rows(run_dir)]
+    assert steps == [1, 2, 3, 4], steps
+    assert latest_checkpoint(run_dir).name == "step_4"
+    state = torch.load(run_dir / "checkpoints" / "step_4" / "trainer_state.pt", weights_only=False)
+    assert state["cursor"]["position"] == 8 % 2400 and resumed_from >= 2
+
+    # an uninterrupted run with the same config gives the same steps after the resume point
+    straight = tiny_overrides(
+        tiny_model_dir, tmp_path / "straight", steps=4, **{"eval.at_start": False}
+    )
+    run_training(
+        load_config(REPO / "configs" / "quickstart.yaml", straight), tmp_path / "straight" / "run"
+    )
+    for a, b in zip(rows(run_dir), rows(tmp_path / "straight" / "run"), strict=True):
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"])
+        assert a["entropy/mean"] == pytest.approx(b["entropy/mean"], rel=1e-4)
+
+
+def test_weight_push_makes_policy_logprobs_equal_the_learners(tiny_model_dir, tmp_path):
+    from agent.models import load_model
+    from agent.policy import HFPolicy
+    from trainer.learner import collate
+
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        tiny_overrides(tiny_model_dir, tmp_path, **{"trainer.lr": 1e-2}),
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    episodes = trainer._runner(2).run(trainer.train_tasks[:2])
+    batch = collate(episodes, torch.tensor([1.0, -1.0, 0.5, -0.5]), trainer.tokenizer.pad_token_id)
+    batch.old_logprobs, _ = trainer.learner.logprobs(batch)
+    trainer.learner.update(batch, zeta=0.0, eps_high=0.28)
+
+    separate = HFPolicy(load_model(tiny_model_dir), trainer.tokenizer, temperature=1.0)
+    before = separate.generate([episodes[0].token_ids[: episodes[0].prompt_len]], 8)[0]
+    separate.update_weights(trainer.learner.named_weights())
+    prompt = episodes[0].token_ids[: episodes[0].prompt_len]
+    torch.manual_seed(0)
+    gen = separate.generate([prompt], 8)[0]
+    sampled = type(episodes[0])(task_id="x", group_id=0, seed=0)
+    sampled.append(prompt, sampled=False)
+    sampled.append(gen.token_ids, sampled=True, logprobs=gen.logprobs)
+    check = collate([sampled], torch.zeros(1), trainer.tokenizer.pad_token_id)
+    learner_logprobs, _ = trainer.learner.logprobs(check)
+    mask = check.loss_mask.bool()
+    assert torch.allclose(learner_logprobs[mask], torch.tensor(gen.logprobs), atol=1e-4)
+    assert (
+        before.logprobs != gen.logprobs[: len(before.logprobs)] or before.token_ids != gen.token_ids
+    )
+    trainer.cleanup()

@@ -1,0 +1,241 @@
+"""Learners: turn episodes into an optimizer step on the policy.
+
+Two backends share everything but the optimizer plumbing:
+
+* :class:`TorchLearner` — one process on CPU or one GPU. Weights are kept in float32 (the master
+  copy); ``model.dtype: bfloat16`` runs the transformer body under bf16 autocast, which is how
+  bf16 training with fp32 master weights looks in plain torch.
+* :class:`DeepSpeedLearner` (``trainer.deepspeed_learner``) — ZeRO 1/2/3 across GPUs and nodes.
+
+Both call :class:`LogprobModel`, which computes log-probs and entropies through the FP32 loss
+path (``trainer.precision``): the LM head's projection, log-softmax and entropy run in float32
+whatever the weights' or autocast's dtype, so framework casting never reaches the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from trainer.config import RunConfig
+from trainer.objectives import LossInputs, policy_loss
+from trainer.precision import token_logprobs_and_entropy
+
+
+@dataclass
+class TrainBatch:
+    """Episodes right-padded to [B, T]; position t predicts ``target_ids[:, t]``."""
+
+    input_ids: Tensor  # [B, T]
+    attention_mask: Tensor  # [B, T]
+    target_ids: Tensor  # [B, T]
+    loss_mask: Tensor  # [B, T] 1 on sampled target tokens
+    sampler_logprobs: Tensor  # [B, T]
+    advantages: Tensor  # [B]
+    old_logprobs: Tensor | None = None  # [B, T], filled by the learner or from the sampler
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, index: Sequence[int] | slice) -> TrainBatch:
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        return TrainBatch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        return TrainBatch(
+            *(None if (t := getattr(self, f)) is None else t.to(device) for f in self.__dataclass_fields__)
+        )
+
+
+def collate(episodes, advantages: Tensor, pad_id: int) -> TrainBatch:
+    """Pad episodes (``agent.rollout.Episode``) into a :class:`TrainBatch`."""
+    if len(episodes) != advantages.shape[0]:
+        raise ValueError(f"{len(episodes)} episodes but {advantages.shape[0]} advantages")
+    width = max(len(ep.token_ids) for ep in episodes) - 1
+    batch = len(episodes)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    target_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    loss_mask = torch.zeros((batch, width), dtype=torch.float32)
+    sampler = torch.zeros((batch, width), dtype=torch.float32)
+    for row, ep in enumerate(episodes):
+        n = len(ep.token_ids) - 1
+        ids = torch.tensor(ep.token_ids, dtype=torch.long)
+        input_ids[row, :n] = ids[:-1]
+        target_ids[row, :n] = ids[1:]
+        attention[row, :n] = 1
+        loss_mask[row, :n] = torch.tensor(ep.loss_mask[1:], dtype=torch.float32)
+        sampler[row, :n] = torch.tensor(ep.sampler_logprobs[1:], dtype=torch.float32)
+    return TrainBatch(input_ids, attention, target_ids, loss_mask, sampler, advantages.float())
+
+
+class LogprobModel(nn.Module):
+    """A causal LM whose forward returns (log-probs of targets, entropies), both [B, T], via the
+    FP32 loss path. Wrapping the LM this way lets DeepSpeed's engine own one module whose
+    forward covers the head, so ZeRO-3 gathers the (tied) head weight for it."""
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        compute_dtype: torch.dtype = torch.float32,
+        chunk_size: int = 1024,
+        autocast_dtype: torch.dtype | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.lm = lm
+        self.compute_dtype = compute_dtype
+        self.chunk_size = chunk_size
+        self.autocast_dtype = autocast_dtype
+        self.temperature = temperature if temperature > 0 else 1.0
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor) -> tuple[Tensor, Tensor]:
+        body = self.lm.base_model
+        head = self.lm.get_output_embeddings()
+        if self.autocast_dtype is not None:
+            with torch.autocast(device_type=input_ids.device.type, dtype=self.autocast_dtype):
+                hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return token_logprobs_and_entropy(
+            hidden, head.weight, target_ids, getattr(head, "bias", None),
+            chunk_size=self.chunk_size, compute_dtype=self.compute_dtype, temperature=self.temperature,
+        )
+
+
+def loss_dtype(cfg: RunConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.precision.loss == "bf16" else torch.float32
+
+
+def micro_batches(batch: TrainBatch, size: int) -> Iterator[TrainBatch]:
+    for start in range(0, len(batch), size):
+        yield batch.rows(slice(start, start + size))
+
+
+class MetricAccumulator:
+    """Token-weighted means of per-micro-batch metrics; maxima for */max."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weight = 0.0
+
+    def add(self, metrics: dict[str, float], weight: float) -> None:
+        self.weight += weight
+        for key, value in metrics.items():
+            if key.endswith("/max"):
+                self.sums[key] = max(self.sums.get(key, -math.inf), value)
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + value * weight
+
+    def result(self) -> dict[str, float]:
+        w = max(self.weight, 1e-12)
+        return {k: (v if k.endswith("/max") else v / w) for k, v in self.sums.items()}
+
+
+def micro_weight(micro: TrainBatch, whole: TrainBatch, aggregation: str) -> float:
+    """The share of a micro-batch in its mini-batch, so that accumulated gradients equal the
+    gradient of the mini-batch's loss: tokens for token_mean, rows for the per-sequence modes."""
+    if aggregation == "token_mean":
+        return float(micro.loss_mask.sum() / whole.loss_mask.sum().clamp(min=1))
+    return len(micro) / len(whole)
+
+
+class TorchLearner:
+    """Single-process learner (CPU or one GPU) with gradient accumulation and clipping."""
+
+    def __init__(self, lm: nn.Module, cfg: RunConfig, device: torch.device, total_updates: int) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.lm = lm.to(device=device, dtype=torch.float32)
+        autocast = torch.bfloat16 if cfg.model.dtype == "bfloat16" else None
+        self.module = LogprobModel(
+            self.lm, loss_dtype(cfg), cfg.precision.chunk_size, autocast, cfg.policy.temperature
+        )
+        params = [p for p in self.lm.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas), weight_decay=cfg.trainer.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda=lr_lambda(cfg, total_updates)
+        )
+
+    def logprobs(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
+        """Log-probs and entropies of the whole batch without gradients (old log-probs)."""
+        self.lm.eval()
+        outs = []
+        with torch.no_grad():
+            for micro in micro_batches(batch, self.cfg.trainer.micro_batch_size):
+                micro = micro.to(self.device)
+                outs.append(self.module(micro.input_ids, micro.attention_mask, micro.target_ids))
+        return torch.cat([o[0] for o in outs]).cpu(), torch.cat([o[1] for o in outs]).cpu()
+
+    def update(self, batch: TrainBatch, zeta: float, eps_high: float) -> dict[str, float]:
+        """One optimizer step over a mini-batch (accumulated over micro-batches)."""
+        self.lm.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = MetricAccumulator()
+        total_loss = 0.0
+        for micro in micro_batches(batch, self.cfg.trainer.micro_batch_size):
+            weight = micro_weight(micro, batch, self.cfg.objective.aggregation)
+            loss, m = self._micro_loss(micro.to(self.device), zeta, eps_high)
+            (loss * weight).backward()
+            total_loss += float(loss.detach()) * weight
+            metrics.add(m, float(micro.loss_mask.sum()))
+        params = [p for p in self.lm.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.grad_clip))
+        out = metrics.result()
+        out.update({"loss": total_loss, "grad/norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]})
+        if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            out["nonfinite"] = 1.0
+            return out
+        self.optimizer.step()
+        self.scheduler.step()
+        out["nonfinite"] = 0.0
+        return out
+
+    def _micro_loss(self, micro: TrainBatch, zeta: float, eps_high: float):
+        logprobs, entropy = self.module(micro.input_ids, micro.attention_mask, micro.target_ids)
+        old = micro.old_logprobs if micro.old_logprobs is not None else micro.sampler_logprobs
+        inputs = LossInputs(
+            logprobs=logprobs, entropy=entropy, old_logprobs=old,
+            sampler_logprobs=micro.sampler_logprobs, advantages=micro.advantages,
+            loss_mask=micro.loss_mask, max_tokens=self.cfg.rollout.max_new_tokens * self.cfg.rollout.max_turns,
+        )
+        return policy_loss(inputs, self.cfg.objective, zeta, eps_high)
+
+    def named_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """Full weights with HF names, for pushing to the policy and saving."""
+        yield from self.lm.state_dict().items()
+
+    def save_state(self, folder: Path) -> None:
+        """Optimizer and scheduler state, into a checkpoint folder being written."""
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        torch.save(state, folder / "learner.pt")
+
+    def load_state(self, folder: Path) -> None:
+        state = torch.load(folder / "learner.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def lr_lambda(cfg: RunConfig, total_updates: int):
+    warmup = cfg.trainer.warmup_steps
+    schedule = cfg.trainer.lr_schedule
+
+    def factor(update: int) -> float:
+        if warmup and update < warmup:
+            return (update + 1) / warmup
+        if schedule == "cosine":
+            progress = (update - warmup) / max(1, total_updates - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
