@@ -167,17 +167,22 @@ def appworld_setup() -> None:
 
 @appworld_app.command("make-data")
 def appworld_make_data(
-    out: Annotated[str, typer.Option(help="data root to create (APPWORLD_ROOT)")],
+    out: Annotated[str | None, typer.Option(help="data root to create (default $EPRL_CACHE_DIR/appworld)")] = None,
     seed: Annotated[int, typer.Option(help="generation seed")] = 0,
+    tasks_per_scenario: Annotated[int, typer.Option(help="tasks per scenario (AppWorld uses 3)")] = 3,
+    validate: Annotated[bool, typer.Option(help="check every task: no-op fails, reference passes")] = False,
 ) -> None:
     """Generate a small offline dataset in AppWorld's own format with the real apps."""
-    raise typer.Exit(_impl("envs.appworld.cli", "make_data", 6)(out=out, seed=seed))
+    run = _impl("envs.appworld.cli", "make_data", 6)
+    raise typer.Exit(run(out=out, seed=seed, tasks_per_scenario=tasks_per_scenario, validate=validate))
 
 
 @appworld_app.command("doctor")
-def appworld_doctor() -> None:
+def appworld_doctor(
+    root: Annotated[str | None, typer.Option(help="data root (default $APPWORLD_ROOT or the cache)")] = None,
+) -> None:
     """Say what is installed, where the data is, and whether a server starts."""
-    raise typer.Exit(_impl("envs.appworld.cli", "doctor", 6)())
+    raise typer.Exit(_impl("envs.appworld.cli", "doctor", 6)(root=root))
 
 
 def main() -> None:

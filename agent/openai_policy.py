@@ -1,0 +1,86 @@
+"""The OpenAI-compatible policy backend: evaluate a served checkpoint (e.g. `vllm serve`).
+
+Prompts go out as token ids (the completions API accepts a list of ints) so the conversation
+stays token-in; with vLLM's ``return_tokens_as_token_ids`` the sampled ids and their log-probs
+come back token-out. A server that returns only text (and maybe per-token log-probs without
+ids) is still usable for evaluation: its text is re-tokenised once, and log-probs are reported
+as NaN when they cannot be aligned with those ids — fine for pass@k, not for training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from agent.policy import Generation
+
+
+class OpenAIPolicy:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        tokenizer,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        concurrency: int = 16,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.temperature = temperature
+        self.top_p = top_p
+        self.concurrency = concurrency
+        key = api_key or os.environ.get("OPENAI_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> list[Generation]:
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(lambda p: self._one(list(p), max_new_tokens, stop), prompts))
+
+    def _one(self, prompt: list[int], max_new_tokens: int, stop: Sequence[str]) -> Generation:
+        body = {
+            "model": self.model, "prompt": prompt, "max_tokens": max_new_tokens,
+            "temperature": self.temperature, "top_p": self.top_p, "logprobs": 1,
+            "stop": list(stop) or None,
+            # vLLM extensions; other servers ignore unknown fields
+            "include_stop_str_in_output": True, "return_tokens_as_token_ids": True,
+            "skip_special_tokens": False,
+        }
+        response = self.client.post("/completions", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"{self.base_url}/completions answered {response.status_code}: {response.text[:300]}")
+        choice = response.json()["choices"][0]
+        ids, logprobs = self._tokens(choice)
+        reason = {"length": "length"}.get(choice.get("finish_reason"), "eos")
+        if isinstance(choice.get("stop_reason"), str):
+            reason = "stop"
+        return Generation(ids, logprobs, reason)
+
+    def _tokens(self, choice: dict) -> tuple[list[int], list[float]]:
+        info = choice.get("logprobs") or {}
+        tokens = info.get("tokens") or []
+        token_logprobs = info.get("token_logprobs") or []
+        if tokens and all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
+            ids = [int(t.split(":", 1)[1]) for t in tokens]
+            return ids, [float(x) if x is not None else math.nan for x in token_logprobs]
+        ids = self.tokenizer.encode(choice.get("text", ""), add_special_tokens=False)
+        if len(token_logprobs) == len(ids):
+            return ids, [float(x) if x is not None else math.nan for x in token_logprobs]
+        return ids, [math.nan] * len(ids)
+
+    def update_weights(self, named_tensors: Iterable) -> None:
+        raise NotImplementedError(
+            "the openai backend serves fixed weights: evaluate checkpoints with it; train with hf or vllm"
+        )
