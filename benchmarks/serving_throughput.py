@@ -165,7 +165,7 @@ def main() -> None:
     most = max(args.concurrency)
     # every sandbox runs as uid 65534 and RLIMIT_NPROC counts that uid host-wide: give the
     # concurrent sandboxes (about 3 processes each) a shared budget, locally and remotely
-    sandbox = {"max_processes": 16 * max(most, args.idle)}
+    sandbox: dict = {}  # default sandboxes (one host uid each)
     kwargs = {"max_turns": args.steps + 10}
     load_before = os.getloadavg()[0]
     service, url = start_service(max(most, args.idle) + 2, sandbox)

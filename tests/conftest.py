@@ -36,3 +36,13 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def appworld_root(tmp_path_factory):
+    """One generated AppWorld dataset (`eprl appworld make-data`, seed 0) for the whole session."""
+    from envs.appworld import cli as appworld_cli
+
+    root = tmp_path_factory.mktemp("appworld-root")
+    assert appworld_cli.make_data(out=str(root), seed=0) == 0
+    return root

@@ -42,13 +42,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="session")
-def appworld_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("appworld-root")
-    assert appworld_cli.make_data(out=str(root), seed=0) == 0
-    return root
-
-
 @pytest.fixture(scope="module")
 def scenarios(appworld_root) -> dict[str, dict]:
     """scenario id -> {name, difficulty, apps, split} as written by the generator."""

@@ -36,24 +36,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def appworld_root(tmp_path_factory):
-    """The generated dataset `eprl appworld make-data` left in the default root, else a new one."""
-    from envs.appworld import AppWorldRuntimeError
-    from envs.appworld import cli as appworld_cli
-    from envs.appworld.runtime import resolve_root
-
-    try:
-        root = resolve_root(None)
-        if (root / "data" / "eprl_generated.json").is_file():
-            return root
-    except AppWorldRuntimeError:
-        pass
-    root = tmp_path_factory.mktemp("appworld-root")
-    assert appworld_cli.make_data(out=str(root), seed=0, tasks_per_scenario=1) == 0
-    return root
-
-
 def test_remote_appworld_episode(appworld_root, tmp_path):
     pinned = {APPWORLD: {"root": str(appworld_root), "python": None, "server_urls": None}}
     local = gymnasium.make(APPWORLD, root=str(appworld_root))  # no server until reset

@@ -18,11 +18,9 @@ CODEEXEC = "eprl/CodeExec-v0"
 MAX_SESSIONS = 64
 
 
-# Every sandbox runs as uid 65534 and RLIMIT_NPROC counts that uid's processes host-wide, so the
-# sandbox's default budget (16) admits only ~4 live sandboxes at once (bwrap: "Creating new
-# namespace failed: Resource temporarily unavailable"). The server pins a budget for 64
-# sandboxes (~3 processes each); the sandboxes are otherwise the default ones.
-SANDBOX = {"max_processes": 16 * MAX_SESSIONS}
+# Default sandboxes: each runs under a host uid of its own, so 64 of them at once stay within
+# their per-sandbox process limit (RLIMIT_NPROC counts processes per uid host-wide).
+SANDBOX: dict = {}
 
 
 @pytest.fixture(scope="module")

@@ -177,7 +177,9 @@ class PrecisionConfig(_Section):
     """The loss path's arithmetic. `bf16` exists only to reproduce the failure (methods.md)."""
 
     loss: Literal["fp32", "bf16"] = "fp32"
-    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the LM-head projection")
+    # 256 keeps the extra memory of a 4096-token sequence with a 49k vocabulary under 256 MB
+    # (benchmarks/results/loss_path_memory.md); larger chunks are faster on GPUs with memory to spare
+    chunk_size: int = Field(256, ge=1, description="tokens per chunk of the LM-head projection")
 
 
 class EvalConfig(_Section):

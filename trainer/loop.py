@@ -244,7 +244,12 @@ class Trainer:
         self.policy = self._make_policy()
 
         self.zeta = ZetaController(cfg.objective.repo)
-        self.eps = EpsHighController(cfg.objective.adapo, cfg.objective.eps_low, cfg.objective.eps_high)
+        # ADAPO's controller exists only when enabled (its bounds need not contain eps_high otherwise)
+        self.eps = (
+            EpsHighController(cfg.objective.adapo, cfg.objective.eps_low, cfg.objective.eps_high)
+            if cfg.objective.adapo.enabled
+            else None
+        )
 
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -365,7 +370,7 @@ class Trainer:
                 self.initial_entropy = entropy
             if cfg.objective.repo.variant != "none":
                 self.zeta.step(entropy)
-            if cfg.objective.adapo.enabled:
+            if self.eps is not None:
                 self.eps.step(entropy)
         metrics["entropy/initial"] = self.initial_entropy if self.initial_entropy is not None else float("nan")
         metrics["entropy/target"] = _target(self)
@@ -378,7 +383,7 @@ class Trainer:
         if cfg.objective.old_logprobs == "learner":
             batch.old_logprobs, _ = self.learner.logprobs(batch)
         zeta = self.zeta.zeta if cfg.objective.repo.variant != "none" else 0.0
-        eps_high = self.eps.eps_high if cfg.objective.adapo.enabled else cfg.objective.eps_high
+        eps_high = self.eps.eps_high if self.eps is not None else cfg.objective.eps_high
         generator = torch.Generator().manual_seed(cfg.seed * 31 + self.step)
         for _epoch in range(cfg.trainer.epochs):
             order = torch.randperm(len(batch), generator=generator)
@@ -461,7 +466,7 @@ class Trainer:
             "step": self.step,
             "cursor": self.cursor.state_dict(),
             "zeta": self.zeta.state_dict(),
-            "eps_high": self.eps.state_dict(),
+            "eps_high": self.eps.state_dict() if self.eps is not None else None,
             "initial_entropy": self.initial_entropy,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "nonfinite_total": self.nonfinite_total,
@@ -478,7 +483,8 @@ class Trainer:
         self.step = int(state["step"])
         self.cursor.load_state_dict(state["cursor"])
         self.zeta.load_state_dict(state["zeta"])
-        self.eps.load_state_dict(state["eps_high"])
+        if self.eps is not None and state["eps_high"] is not None:
+            self.eps.load_state_dict(state["eps_high"])
         self.initial_entropy = state["initial_entropy"]
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self.nonfinite_total = state["nonfinite_total"]
@@ -509,7 +515,7 @@ class Trainer:
 def _target(trainer: Trainer) -> float:
     if trainer.cfg.objective.repo.variant != "none" and trainer.zeta.target is not None:
         return float(trainer.zeta.target)
-    if trainer.cfg.objective.adapo.enabled and trainer.eps.target is not None:
+    if trainer.eps is not None and trainer.eps.target is not None:
         return float(trainer.eps.target)
     return float("nan")
 

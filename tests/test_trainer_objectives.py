@@ -1,0 +1,417 @@
+"""Advantages, PPO-clip, aggregations, REPO, TIS/KL and the entropy controllers (issue 3).
+
+Numbers are worked by hand in the comments; the tabular tests use an exact softmax policy over a
+handful of actions (expectations by enumeration, float64), no model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from trainer.advantages import (
+    compute_advantages,
+    dr_grpo_advantages,
+    grpo_advantages,
+    loop_keep_mask,
+    rloo_advantages,
+)
+from trainer.config import AdapoConfig, ObjectiveConfig, RepoConfig
+from trainer.objectives import (
+    EpsHighController,
+    LossInputs,
+    ZetaController,
+    aggregate,
+    k3_kl,
+    loop_clip_eps,
+    policy_loss,
+    ppo_clip_token_loss,
+    repo_shaped_advantages,
+)
+
+# ---------------------------------------------------------------- advantages
+# groups: 7 -> rewards (1, 0, 0) (K=3), 3 -> (1, 0.5) (K=2), 9 -> (2,) (a group of one)
+REWARDS = [1.0, 0.0, 0.0, 1.0, 0.5, 2.0]
+GROUPS = [7, 7, 7, 3, 3, 9]
+
+
+def test_rloo_leave_one_out_by_hand():
+    # group 7: 1 - (0+0)/2 = 1; 0 - (1+0)/2 = -0.5 (twice); group 3: 1 - 0.5, 0.5 - 1; singleton 0
+    expected = torch.tensor([1.0, -0.5, -0.5, 0.5, -0.5, 0.0])
+    torch.testing.assert_close(rloo_advantages(REWARDS, GROUPS), expected)
+    # equals K/(K-1) (R - mean R): group 7: 3/2 * (1 - 1/3) = 1
+    assert rloo_advantages(REWARDS, GROUPS)[0].item() == pytest.approx(1.5 * (1 - 1 / 3))
+
+
+def test_grpo_std_normalised_by_hand():
+    # group 7: mean 1/3, sample var ((2/3)^2 + 2 (1/3)^2) / 2 = 1/3; group 3: mean .75, var .125
+    s7, s3 = math.sqrt(1 / 3), math.sqrt(0.125)
+    eps = 1e-6
+    expected = torch.tensor(
+        [
+            (2 / 3) / (s7 + eps),
+            (-1 / 3) / (s7 + eps),
+            (-1 / 3) / (s7 + eps),
+            0.25 / (s3 + eps),
+            -0.25 / (s3 + eps),
+            0.0,
+        ]
+    )
+    torch.testing.assert_close(grpo_advantages(REWARDS, GROUPS), expected)
+    # a group whose rewards are all equal gets 0, not 0/eps noise
+    assert grpo_advantages([0.5, 0.5, 0.5], [1, 1, 1]).abs().max().item() == 0.0
+
+
+def test_dr_grpo_centred_only_by_hand():
+    expected = torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.25, -0.25, 0.0])
+    torch.testing.assert_close(dr_grpo_advantages(REWARDS, GROUPS), expected)
+
+
+def test_estimators_ignore_group_order_and_labels():
+    order = [4, 0, 5, 2, 3, 1]
+    rewards = torch.tensor(REWARDS)[order]
+    groups = torch.tensor([10 * g for g in GROUPS])[order]
+    for name in ("rloo", "grpo", "dr_grpo"):
+        torch.testing.assert_close(
+            compute_advantages(name, rewards, groups),
+            compute_advantages(name, REWARDS, GROUPS)[order],
+        )
+
+
+def test_compute_advantages_rejects_unknown_names_and_shapes():
+    with pytest.raises(ValueError, match="'ppo'"):
+        compute_advantages("ppo", REWARDS, GROUPS)
+    with pytest.raises(ValueError, match="group_ids"):
+        rloo_advantages(REWARDS, GROUPS[:-1])
+
+
+def test_loop_filter_keeps_abs_advantage_at_least_threshold():
+    advantages = torch.tensor([1.0, -0.5, 0.005, -0.0099, 0.01, 0.0])
+    assert loop_keep_mask(advantages, 0.01).tolist() == [True, True, False, False, True, False]
+    assert loop_keep_mask(advantages, 0.0).all()
+
+
+# ---------------------------------------------------------------- aggregation
+def test_aggregations_by_hand_with_masks_and_an_empty_row():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    # token_mean: (1 + 2 + 4) / 3 tokens; the empty row adds nothing
+    assert aggregate(per_token, mask, "token_mean").item() == pytest.approx(7 / 3)
+    # seq_mean_token_mean: rows (1+2)/2 and 4/1, averaged over the 2 rows that have tokens
+    assert aggregate(per_token, mask, "seq_mean_token_mean").item() == pytest.approx(2.75)
+    # seq_mean_token_sum_norm: token sum 7 / (B=3 rows * T=3), or * max_tokens=7
+    assert aggregate(per_token, mask, "seq_mean_token_sum_norm").item() == pytest.approx(7 / 9)
+    assert aggregate(
+        per_token, mask, "seq_mean_token_sum_norm", max_tokens=7
+    ).item() == pytest.approx(7 / 21)
+    assert aggregate(per_token, torch.zeros_like(mask), "token_mean").item() == 0.0
+    with pytest.raises(ValueError, match="'sum'"):
+        aggregate(per_token, mask, "sum")
+
+
+def _inputs(logprobs, advantages, mask, **kw) -> LossInputs:
+    logprobs = torch.as_tensor(logprobs, dtype=torch.float32).clone().requires_grad_()
+    defaults = dict(
+        entropy=torch.ones_like(logprobs),
+        old_logprobs=logprobs.detach().clone(),
+        sampler_logprobs=logprobs.detach().clone(),
+    )
+    defaults.update(kw)
+    return LossInputs(
+        logprobs=logprobs,
+        advantages=torch.as_tensor(advantages, dtype=torch.float32),
+        loss_mask=torch.as_tensor(mask),
+        **defaults,
+    )
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "expected"),
+    # ratio 1 -> per-token loss -A: rows (-1, -1) and (-4); token_mean -6/3, seq means (-1, -4),
+    # token sum -6 over B*T = 2*3
+    [("token_mean", -2.0), ("seq_mean_token_mean", -2.5), ("seq_mean_token_sum_norm", -1.0)],
+)
+def test_policy_loss_broadcasts_episode_advantages_and_ignores_padding(aggregation, expected):
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # padded positions hold garbage old log-probs (a ratio of e^60 if it were not masked)
+    old = torch.tensor([[0.0, 0.0, -60.0], [0.0, -60.0, -60.0]])
+    inputs = _inputs(torch.zeros(2, 3), [1.0, 4.0], mask, old_logprobs=old)
+    cfg = ObjectiveConfig(aggregation=aggregation)
+    loss, metrics = policy_loss(inputs, cfg, zeta=0.0, eps_high=cfg.eps_high)
+    assert loss.item() == pytest.approx(expected)
+    assert metrics["ratio/max"] == pytest.approx(1.0)
+    loss.backward()
+    assert inputs.logprobs.grad[~mask.bool()].abs().max().item() == 0.0
+
+
+# ---------------------------------------------------------------- PPO-clip
+RATIOS = [0.5, 0.9, 1.0, 1.1, 1.25, 1.5]
+
+
+def _clip_case(eps_high: float):
+    ratios = torch.tensor([RATIOS, RATIOS])
+    inputs = _inputs(ratios.log(), [1.0, -1.0], torch.ones(2, 6), old_logprobs=torch.zeros(2, 6))
+    cfg = ObjectiveConfig(eps_low=0.2, eps_high=0.28)
+    loss, metrics = policy_loss(inputs, cfg, zeta=0.0, eps_high=eps_high)
+    loss.backward()
+    return ratios, inputs.logprobs.grad, metrics
+
+
+def test_ppo_clip_gradient_is_exactly_zero_where_the_clip_binds():
+    ratios, grad, metrics = _clip_case(eps_high=0.28)
+    # A=+1 row: only r=1.5 > 1.28 binds; A=-1 row: only r=0.5 < 0.8 binds
+    binding = torch.tensor([[False] * 5 + [True], [True] + [False] * 5])
+    assert grad[binding].tolist() == [0.0, 0.0]
+    # elsewhere the unclipped term is the minimum: d(-r A / 12)/d logp = -r A / 12, including
+    # A=+1, r=0.5 and A=-1, r=1.5 where the clip is inactive (the pessimistic term wins)
+    advantages = torch.tensor([[1.0], [-1.0]]).expand(2, 6)
+    expected = -ratios * advantages / 12
+    torch.testing.assert_close(grad[~binding], expected[~binding])
+    assert metrics["clip/low_frac"] == pytest.approx(1 / 12)
+    assert metrics["clip/high_frac"] == pytest.approx(1 / 12)
+    assert metrics["ratio/mean"] == pytest.approx(sum(RATIOS) / 6, rel=1e-6)
+    assert metrics["ratio/max"] == pytest.approx(1.5, rel=1e-6)
+
+
+def test_ppo_clip_uses_the_eps_high_passed_in():
+    # ADAPO's eps_high=0.2 makes r=1.25 bind too (A=+1); the low side is unchanged
+    _, grad, metrics = _clip_case(eps_high=0.2)
+    assert grad[0, 4].item() == 0.0 and grad[0, 5].item() == 0.0
+    assert metrics["clip/high_frac"] == pytest.approx(2 / 12)
+    assert metrics["clip/low_frac"] == pytest.approx(1 / 12)
+    assert metrics["adapo/eps_high"] == 0.2
+
+
+def test_loop_bounds_as_asymmetric_eps():
+    eps_low, eps_high = loop_clip_eps(0.1)
+    assert 1 - eps_low == pytest.approx(1 / 1.1) and eps_high == 0.1
+    ratio = torch.tensor([0.5, 2.0])
+    clipped = -ppo_clip_token_loss(ratio.log(), torch.zeros(2), torch.ones(2), eps_low, eps_high)
+    # A>0: min(r, clip(r)) -> 0.5 stays (pessimistic), 2.0 clips to 1.1
+    torch.testing.assert_close(clipped, torch.tensor([0.5, 1.1]))
+    clipped_neg = ppo_clip_token_loss(
+        ratio.log(), torch.zeros(2), -torch.ones(2), eps_low, eps_high
+    )
+    # A<0: -min(-r, -clip(r)) = max(r, clip(r)) -> 0.5 clips up to 1/1.1, 2.0 stays
+    torch.testing.assert_close(clipped_neg, torch.tensor([1 / 1.1, 2.0]))
+
+
+# ---------------------------------------------------------------- metrics, TIS, KL, entropy
+def test_metrics_by_hand():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    inputs = _inputs(
+        logprobs,
+        [3.0, -3.0],
+        mask,
+        entropy=torch.tensor([[1.0, 2.0, 50.0], [3.0, 50.0, 50.0]]),
+        sampler_logprobs=logprobs + torch.tensor([[0.1, 0.3, 9.0], [0.2, 9.0, 9.0]]),
+    )
+    _, metrics = policy_loss(inputs, ObjectiveConfig(), zeta=0.5, eps_high=0.28)
+    assert metrics["entropy/mean"] == pytest.approx(2.0)  # (1+2+3)/3
+    assert metrics["mismatch/kl"] == pytest.approx(0.2)  # (0.1+0.3+0.2)/3
+    assert metrics["adv/mean"] == pytest.approx(1.0)  # (3+3-3)/3
+    assert metrics["adv/std"] == pytest.approx(math.sqrt(8.0))  # ((2^2)*2 + 4^2)/3 = 8
+    assert metrics["ratio/mean"] == 1.0 and metrics["clip/low_frac"] == 0.0
+    assert metrics["repo/zeta"] == 0.0  # REPO off
+
+
+def test_tis_weight_is_capped_and_carries_no_gradient():
+    # old - sampler = log 3, log 1.5, 0, log 0.5 -> weights min(., 2) = 2, 1.5, 1, 0.5
+    sampler = -torch.tensor([[math.log(3), math.log(1.5), 0.0, math.log(0.5)]])
+    inputs = _inputs(torch.zeros(1, 4), [1.0], torch.ones(1, 4), sampler_logprobs=sampler)
+    loss, _ = policy_loss(inputs, ObjectiveConfig(tis_cap=2.0), zeta=0.0, eps_high=0.28)
+    assert loss.item() == pytest.approx(-(2 + 1.5 + 1 + 0.5) / 4)
+    loss.backward()
+    torch.testing.assert_close(inputs.logprobs.grad, -torch.tensor([[2.0, 1.5, 1.0, 0.5]]) / 4)
+
+
+def test_k3_kl_by_hand_and_its_gradient():
+    logprobs = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, -2.0]])
+    # d = ref - logp = (0, -1): k3 = e^d - d - 1 = (0, e^-1)
+    torch.testing.assert_close(k3_kl(logprobs, ref), torch.tensor([[0.0, math.exp(-1)]]))
+    inputs = _inputs(logprobs.detach(), [0.0], torch.ones(1, 2), ref_logprobs=ref)
+    loss, _ = policy_loss(inputs, ObjectiveConfig(kl_coef=0.5), zeta=0.0, eps_high=0.28)
+    assert loss.item() == pytest.approx(0.5 * math.exp(-1) / 2)
+    loss.backward()
+    # d k3 / d logp = 1 - e^d -> (0, 1 - e^-1), times 0.5 / 2 tokens
+    torch.testing.assert_close(
+        inputs.logprobs.grad, torch.tensor([[0.0, 0.25 * (1 - math.exp(-1))]])
+    )
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        policy_loss(
+            _inputs(torch.zeros(1, 2), [0.0], torch.ones(1, 2)),
+            ObjectiveConfig(kl_coef=0.5),
+            0.0,
+            0.28,
+        )
+
+
+def test_entropy_bonus_pushes_entropy_up():
+    entropy = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    inputs = _inputs(torch.zeros(1, 2), [0.0], torch.ones(1, 2), entropy=entropy)
+    loss, _ = policy_loss(inputs, ObjectiveConfig(entropy_coef=0.1), zeta=0.0, eps_high=0.28)
+    assert loss.item() == pytest.approx(-0.1 * 1.5)
+    loss.backward()
+    torch.testing.assert_close(entropy.grad, torch.tensor([[-0.05, -0.05]]))
+
+
+# ---------------------------------------------------------------- REPO
+def test_repo_variants_by_hand_and_without_gradient():
+    advantages = torch.tensor([[2.0, -2.0]])
+    logprobs = torch.tensor([[-0.5, -3.0]], requires_grad=True)
+    entropy = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    # L = logp + H = (0.5, -2.0), zeta = 0.1
+    expected = {
+        "d": [2.0 - 0.1 * 0.5, -2.0 + 0.1 * 2.0],
+        "r": [2.0 - 0.1 * 2.0 * 0.5, -2.0],
+        "r_sym": [2.0 - 0.1 * 2.0 * 0.5, -2.0 + 0.1 * 2.0 * 2.0],
+        "none": [2.0, -2.0],
+    }
+    for variant, values in expected.items():
+        shaped = repo_shaped_advantages(advantages, logprobs, entropy, variant, 0.1)
+        torch.testing.assert_close(shaped, torch.tensor([values]))
+        assert not shaped.requires_grad
+    with pytest.raises(ValueError, match="'x'"):
+        repo_shaped_advantages(advantages, logprobs, entropy, "x", 0.1)
+
+
+def test_policy_loss_reports_repo_zeta_and_shaped_advantages():
+    inputs = _inputs(
+        torch.tensor([[-0.5, -3.0]]), [2.0], torch.ones(1, 2), entropy=torch.tensor([[1.0, 1.0]])
+    )
+    cfg = ObjectiveConfig(repo=RepoConfig(variant="r"))
+    _, metrics = policy_loss(inputs, cfg, zeta=0.1, eps_high=0.28)
+    assert metrics["repo/zeta"] == 0.1
+    # shaped: 2 - 0.1*2*0.5 = 1.9 and 2 - 0.1*2*(-2) = 2.4
+    assert metrics["adv/mean"] == pytest.approx((1.9 + 2.4) / 2)
+
+
+# tabular softmax policy over 6 actions; rewards favour the likely actions, so plain PG lowers H
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0], dtype=torch.float64)
+ACTION_REWARDS = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    log_probs = torch.log_softmax(logits, -1)
+    return -(log_probs.exp() * log_probs).sum()
+
+
+def _expected_loss(logits: torch.Tensor, variant: str, zeta: float) -> torch.Tensor:
+    """``E_{a ~ pi_old}[l(a)]`` by enumeration, with the ratio's old policy = the current one."""
+    log_probs = torch.log_softmax(logits, -1)
+    old = log_probs.detach()
+    probs = old.exp()
+    advantages = ACTION_REWARDS - (probs * ACTION_REWARDS).sum()
+    entropy = _entropy(old).expand(6)
+    shaped = repo_shaped_advantages(advantages, log_probs, entropy, variant, zeta)
+    return (probs * ppo_clip_token_loss(log_probs, old, shaped, 0.2, 0.28)).sum()
+
+
+def _gradient(variant: str, zeta: float) -> torch.Tensor:
+    logits = LOGITS.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(_expected_loss(logits, variant, zeta), logits)
+    return grad
+
+
+@pytest.mark.parametrize("variant", ["d", "r", "r_sym"])
+def test_repo_step_raises_entropy_relative_to_no_shaping(variant):
+    step = 1.0
+    plain = _entropy(LOGITS - step * _gradient("none", 0.0))
+    shaped = _entropy(LOGITS - step * _gradient(variant, 0.1))
+    assert plain < _entropy(LOGITS)  # the unshaped step collapses entropy here
+    assert shaped > plain + 1e-3
+
+
+def test_repo_d_shaping_gradient_is_zeta_grad_entropy_by_enumeration():
+    zeta = 0.1
+    logits = LOGITS.clone().requires_grad_()
+    (grad_entropy,) = torch.autograd.grad(_entropy(logits), logits)
+    # descent on the loss moves the logits along -(g_shaped - g_plain) = +zeta grad H
+    shaping = _gradient("d", zeta) - _gradient("none", 0.0)
+    torch.testing.assert_close(shaping, -zeta * grad_entropy, atol=1e-14, rtol=0)
+
+
+def test_theorem1_entropy_change_matches_covariance():
+    """``dH ~ -eta Cov_pi(log pi, pi A)`` for the logit step ``dz = eta pi A`` (A centred).
+
+    Stated tolerance: 1e-4 relative at eta = 1e-3; the residual is second order (it shrinks 10x
+    when eta does).
+    """
+    probs = torch.softmax(LOGITS, -1)
+    log_probs = torch.log_softmax(LOGITS, -1)
+    advantages = ACTION_REWARDS - (probs * ACTION_REWARDS).sum()
+    cov = (probs * log_probs * probs * advantages).sum() - (probs * log_probs).sum() * (
+        probs * probs * advantages
+    ).sum()
+    relative_errors = []
+    for eta in (1e-2, 1e-3):
+        step = -eta * _gradient("none", 0.0)  # the policy-gradient step from our loss
+        torch.testing.assert_close(step, eta * probs * advantages, atol=1e-15, rtol=0)
+        measured = _entropy(LOGITS + step) - _entropy(LOGITS)
+        predicted = -eta * cov
+        relative_errors.append(abs((measured - predicted) / predicted).item())
+    assert relative_errors[1] < 1e-4
+    assert 5 < relative_errors[0] / relative_errors[1] < 20
+
+
+# ---------------------------------------------------------------- controllers
+def test_zeta_controller_direction_dead_band_and_bounds():
+    cfg = RepoConfig(
+        variant="d", zeta_init=0.02, zeta_min=0.005, zeta_max=0.05, factor=2.0, dead_band=0.05
+    )
+    controller = ZetaController(cfg)
+    assert controller.step(1.0) == 0.02 and controller.target == 1.0  # first batch sets the target
+    assert controller.step(0.9) == 0.04  # below target: doubled
+    assert controller.step(0.9) == 0.05  # bounded by zeta_max
+    assert controller.step(0.96) == 0.05 and controller.step(1.04) == 0.05  # inside the 5 % band
+    assert [controller.step(1.2) for _ in range(4)] == [
+        0.025,
+        0.0125,
+        0.00625,
+        0.005,
+    ]  # halved, floor
+
+
+def test_zeta_controller_explicit_target_and_bad_entropy():
+    controller = ZetaController(RepoConfig(zeta_init=0.02, target_entropy=2.0))
+    assert controller.step(1.0) == 0.04
+    with pytest.raises(ValueError, match="nan"):
+        controller.step(float("nan"))
+
+
+def test_eps_high_controller_direction_dead_band_and_bounds():
+    cfg = AdapoConfig(enabled=True, factor=1.1, dead_band=0.05, eps_high_max=0.5)
+    controller = EpsHighController(cfg, eps_low=0.2, eps_high_init=0.28)
+    assert controller.step(1.0) == 0.28
+    assert controller.step(0.5) == pytest.approx(0.308)  # entropy low: widen the upper clip
+    assert controller.step(0.97) == pytest.approx(0.308)  # dead band
+    assert [controller.step(0.5) for _ in range(20)][-1] == 0.5  # eps_high_max
+    assert [controller.step(2.0) for _ in range(30)][-1] == 0.2  # floor = eps_low
+    floor = EpsHighController(
+        cfg.model_copy(update={"eps_high_min": 0.25}), eps_low=0.2, eps_high_init=0.28
+    )
+    assert [floor.step(x) for x in (1.0, 9.0, 9.0, 9.0)][-1] == 0.25
+    with pytest.raises(ValueError, match="0.6"):
+        EpsHighController(cfg, eps_low=0.2, eps_high_init=0.6)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: ZetaController(RepoConfig()), lambda: EpsHighController(AdapoConfig(), 0.2, 0.28)],
+)
+def test_controller_state_round_trip(make):
+    controller = make()
+    for entropy in (1.0, 0.7, 0.7):
+        controller.step(entropy)
+    saved = json.loads(json.dumps(controller.state_dict()))  # trainer state is plain JSON
+    restored = make()
+    restored.load_state_dict(saved)
+    assert restored.state_dict() == controller.state_dict()
+    assert restored.step(0.5) == controller.step(0.5)
+    with pytest.raises(ValueError, match="target_entropy"):
+        make().load_state_dict({"zeta": 0.1, "eps_high": 0.3})
