@@ -185,7 +185,25 @@ def appworld_doctor(
     raise typer.Exit(_impl("envs.appworld.cli", "doctor", 6)(root=root))
 
 
+def _absorb_launcher_args(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher appends --local_rank=N to every rank's command line; torchrun
+    sets LOCAL_RANK instead. Move the flag into the environment so every launcher looks alike."""
+    out, index = [], 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and index + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[index + 1])
+            index += 1
+        else:
+            out.append(arg)
+        index += 1
+    return out
+
+
 def main() -> None:
+    sys.argv = _absorb_launcher_args(sys.argv)
     sys.exit(app())
 
 

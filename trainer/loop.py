@@ -34,11 +34,16 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def pick_device(choice: str) -> torch.device:
+    """cpu, or this rank's GPU (LOCAL_RANK, set by the deepspeed launcher and torchrun)."""
     if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise ValueError("trainer.device=cuda but no CUDA device is available")
-    return torch.device(choice)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
 
 
 def dist_info() -> tuple[int, int]:
