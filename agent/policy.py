@@ -213,8 +213,8 @@ class HFPolicy:
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.model.named_parameters())
-        params.update(dict(self.model.named_buffers()))
+        # state_dict names every alias of a tied weight (lm_head.weight and embed_tokens.weight)
+        params = self.model.state_dict(keep_vars=True)
         for name, tensor in named_tensors:
             if name not in params:
                 raise KeyError(f"update_weights: the policy model has no parameter {name!r}")

@@ -65,13 +65,17 @@ SANDBOX_UID = SANDBOX_GID = 65534  # "nobody": the uid inside the sandbox's user
 # uid the process limit would bound all sandboxes together (a 5th concurrent sandbox failed to
 # start with max_processes=16); with one uid each it bounds each sandbox separately.
 HOST_UID_BASE, HOST_UID_COUNT = 0x40000, 0x10000
-_host_uids = itertools.count(secrets.randbelow(HOST_UID_COUNT))
+_host_uids: tuple[int, itertools.count] | None = None  # (owning pid, counter)
 
 
 def _allocate_host_uid() -> int:
     """A host uid for one sandbox: sequential within this process (no two live sandboxes of one
-    process share it), from a random start so that separate processes rarely collide."""
-    return HOST_UID_BASE + next(_host_uids) % HOST_UID_COUNT
+    process share it), from a random start drawn per process — also after a fork, since forked
+    workers (the serving layer's) would otherwise all inherit the same counter."""
+    global _host_uids
+    if _host_uids is None or _host_uids[0] != os.getpid():
+        _host_uids = (os.getpid(), itertools.count(secrets.randbelow(HOST_UID_COUNT)))
+    return HOST_UID_BASE + next(_host_uids[1]) % HOST_UID_COUNT
 INSTALL_HINT = (
     "install it with `sudo apt-get install bubblewrap` (Debian/Ubuntu; `dnf install bubblewrap` "
     "on Fedora), or opt in to the weaker isolation with sandbox mode 'rlimits-only'"

@@ -51,6 +51,7 @@ def test_64_sessions_step_concurrently_and_the_65th_is_rejected(service):
     probe.close()
     remotes = [remote_env(service) for _ in range(MAX_SESSIONS)]
     all_reset = threading.Barrier(MAX_SESSIONS + 1, timeout=300)
+    rejections_checked = threading.Event()
 
     def run_episode(index: int) -> tuple:
         env = remotes[index]
@@ -60,6 +61,8 @@ def test_64_sessions_step_concurrently_and_the_65th_is_rejected(service):
             all_reset.abort()
             raise
         all_reset.wait()  # every session is live before the 65th asks for one
+        # and stays live (an ended episode may free its slot) until the rejections are checked
+        assert rejections_checked.wait(timeout=300)
         # a REPL cell whose output only this session can produce (state persists across cells)
         _, _, _, _, _ = env.step(fence(f"token = {index} * 1000 + 7"))
         cell = env.step(fence("print('token', token)"))
@@ -84,6 +87,7 @@ def test_64_sessions_step_concurrently_and_the_65th_is_rejected(service):
                 remote_env(service, max_retries=2, backoff_s=0.1).reset(seed=0)
             assert time.monotonic() - began >= 2 * 1.0  # two waits of Retry-After (1 s)
             assert rejected_creates(http) == rejections + 3
+            rejections_checked.set()
         results = [future.result(timeout=600) for future in futures]
 
     for index, (task_id, cell_observation, final) in enumerate(results):
