@@ -19,14 +19,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-appworld_app = typer.Typer(help="AppWorld runtime: setup, offline data, diagnostics.", no_args_is_help=True)
+appworld_app = typer.Typer(
+    help="AppWorld runtime: setup, offline data, diagnostics.", no_args_is_help=True
+)
 app.add_typer(appworld_app, name="appworld")
 
 
 def _impl(module: str, attr: str, issue: int):
     """Import module.attr; a module not written yet gives a clear 'not implemented yet' exit."""
     if importlib.util.find_spec(module) is None:
-        typer.echo(f"eprl: this command is not implemented yet (issue #{issue}: {module})", err=True)
+        typer.echo(
+            f"eprl: this command is not implemented yet (issue #{issue}: {module})", err=True
+        )
         raise typer.Exit(2)
     return getattr(importlib.import_module(module), attr)
 
@@ -38,8 +42,12 @@ def _fail(exc: Exception) -> None:
 
 @app.command()
 def train(
-    config: Annotated[str | None, typer.Argument(help="run config YAML (default: all defaults)")] = None,
-    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. trainer.lr=1e-6")] = None,
+    config: Annotated[
+        str | None, typer.Argument(help="run config YAML (default: all defaults)")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted overrides, e.g. trainer.lr=1e-6")
+    ] = None,
     resume: Annotated[str | None, typer.Option(help="continue the run in this directory")] = None,
 ) -> None:
     """Train a policy: rollouts -> advantages -> objective -> updates -> checkpoints."""
@@ -61,21 +69,36 @@ def demo(
 
 @app.command(name="eval")
 def evaluate(
-    model: Annotated[str, typer.Option(help="checkpoint folder, model name or OpenAI-compatible URL")],
-    env: Annotated[str, typer.Option(help="environment id, e.g. eprl/CodeExec-v0")] = "eprl/CodeExec-v0",
+    model: Annotated[
+        str, typer.Option(help="checkpoint folder, model name or OpenAI-compatible URL")
+    ],
+    env: Annotated[
+        str, typer.Option(help="environment id, e.g. eprl/CodeExec-v0")
+    ] = "eprl/CodeExec-v0",
     split: Annotated[str, typer.Option(help="task split")] = "test",
     k: Annotated[int, typer.Option(help="samples per task")] = 4,
     backend: Annotated[str, typer.Option(help="hf | vllm | openai")] = "hf",
     out: Annotated[str | None, typer.Option(help="results JSON (resumable)")] = None,
     num_tasks: Annotated[int | None, typer.Option(help="evaluate only the first N tasks")] = None,
     env_kwargs: Annotated[str | None, typer.Option(help="environment kwargs as JSON")] = None,
-    compare: Annotated[list[str] | None, typer.Option(help="print a side-by-side table of result JSONs")] = None,
+    compare: Annotated[
+        list[str] | None, typer.Option(help="print a side-by-side table of result JSONs")
+    ] = None,
 ) -> None:
     """Evaluate a model on an environment split: pass@1, pass@k, reward, success, diversity."""
     run = _impl("trainer.evaluate", "evaluate_cli", 9)
     try:
-        run(model=model, env=env, split=split, k=k, backend=backend, out=out,
-            num_tasks=num_tasks, env_kwargs=env_kwargs, compare=compare)
+        run(
+            model=model,
+            env=env,
+            split=split,
+            k=k,
+            backend=backend,
+            out=out,
+            num_tasks=num_tasks,
+            env_kwargs=env_kwargs,
+            compare=compare,
+        )
     except ValueError as exc:
         _fail(exc)
 
@@ -98,9 +121,20 @@ def rollout(
     """Sample episodes and write them as JSONL (trajectories.jsonl)."""
     run = _impl("agent.cli", "rollout_cli", 5)
     try:
-        run(model=model, env=env, split=split, k=k, num_tasks=num_tasks, out=out, backend=backend,
-            max_turns=max_turns, max_new_tokens=max_new_tokens, temperature=temperature,
-            env_kwargs=env_kwargs, seed=seed)
+        run(
+            model=model,
+            env=env,
+            split=split,
+            k=k,
+            num_tasks=num_tasks,
+            out=out,
+            backend=backend,
+            max_turns=max_turns,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            env_kwargs=env_kwargs,
+            seed=seed,
+        )
     except ValueError as exc:
         _fail(exc)
 
@@ -115,7 +149,12 @@ def serve(
     """Run the environment service (FastAPI) for remote clients."""
     run = _impl("serving.app", "serve", 8)
     try:
-        run(host=host, port=port, token=token or os.environ.get("EPRL_TOKEN"), max_sessions=max_sessions)
+        run(
+            host=host,
+            port=port,
+            token=token or os.environ.get("EPRL_TOKEN"),
+            max_sessions=max_sessions,
+        )
     except ValueError as exc:
         _fail(exc)
 
@@ -143,7 +182,9 @@ def envs() -> None:
 
 @app.command()
 def models(
-    dirs: Annotated[list[str] | None, typer.Argument(help="extra folders to scan for HF models")] = None,
+    dirs: Annotated[
+        list[str] | None, typer.Argument(help="extra folders to scan for HF models")
+    ] = None,
 ) -> None:
     """Show the models available offline (the embedded SmolLM2 and local folders)."""
     from rich.console import Console
@@ -167,19 +208,29 @@ def appworld_setup() -> None:
 
 @appworld_app.command("make-data")
 def appworld_make_data(
-    out: Annotated[str | None, typer.Option(help="data root to create (default $EPRL_CACHE_DIR/appworld)")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="data root to create (default $EPRL_CACHE_DIR/appworld)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="generation seed")] = 0,
-    tasks_per_scenario: Annotated[int, typer.Option(help="tasks per scenario (AppWorld uses 3)")] = 3,
-    validate: Annotated[bool, typer.Option(help="check every task: no-op fails, reference passes")] = False,
+    tasks_per_scenario: Annotated[
+        int, typer.Option(help="tasks per scenario (AppWorld uses 3)")
+    ] = 3,
+    validate: Annotated[
+        bool, typer.Option(help="check every task: no-op fails, reference passes")
+    ] = False,
 ) -> None:
     """Generate a small offline dataset in AppWorld's own format with the real apps."""
     run = _impl("envs.appworld.cli", "make_data", 6)
-    raise typer.Exit(run(out=out, seed=seed, tasks_per_scenario=tasks_per_scenario, validate=validate))
+    raise typer.Exit(
+        run(out=out, seed=seed, tasks_per_scenario=tasks_per_scenario, validate=validate)
+    )
 
 
 @appworld_app.command("doctor")
 def appworld_doctor(
-    root: Annotated[str | None, typer.Option(help="data root (default $APPWORLD_ROOT or the cache)")] = None,
+    root: Annotated[
+        str | None, typer.Option(help="data root (default $APPWORLD_ROOT or the cache)")
+    ] = None,
 ) -> None:
     """Say what is installed, where the data is, and whether a server starts."""
     raise typer.Exit(_impl("envs.appworld.cli", "doctor", 6)(root=root))

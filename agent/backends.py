@@ -38,4 +38,6 @@ def build_policy(
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return HFPolicy(load_model(model, device=device), load_tokenizer(model), temperature, top_p, seed=seed)
+    return HFPolicy(
+        load_model(model, device=device), load_tokenizer(model), temperature, top_p, seed=seed
+    )

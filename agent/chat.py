@@ -33,7 +33,9 @@ class ChatFormat:
 
     def __init__(self, tokenizer, system_prompt: str | None = None) -> None:
         if getattr(tokenizer, "chat_template", None) is None:
-            raise TemplateError("the tokenizer has no chat template (tokenizer.chat_template is None)")
+            raise TemplateError(
+                "the tokenizer has no chat template (tokenizer.chat_template is None)"
+            )
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         head = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -43,7 +45,9 @@ class ChatFormat:
         ]
         base_text = _render(tokenizer, base, add_generation_prompt=False)
         extended = _render(
-            tokenizer, base + [{"role": "user", "content": _OBSERVATION}], add_generation_prompt=True
+            tokenizer,
+            base + [{"role": "user", "content": _OBSERVATION}],
+            add_generation_prompt=True,
         )
         if not extended.startswith(base_text):
             raise TemplateError(

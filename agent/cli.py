@@ -12,8 +12,19 @@ from agent.rollout import RolloutRunner, write_jsonl
 
 
 def rollout_cli(
-    *, model: str, env: str, split: str, k: int, num_tasks: int, out: str, backend: str,
-    max_turns: int, max_new_tokens: int, temperature: float, env_kwargs: str | None, seed: int,
+    *,
+    model: str,
+    env: str,
+    split: str,
+    k: int,
+    num_tasks: int,
+    out: str,
+    backend: str,
+    max_turns: int,
+    max_new_tokens: int,
+    temperature: float,
+    env_kwargs: str | None,
+    seed: int,
 ) -> list:
     import gymnasium
     from rich.console import Console
@@ -40,15 +51,22 @@ def rollout_cli(
 
     policy = build_policy(backend, model, temperature=temperature, seed=seed)
     runner = RolloutRunner(
-        policy, make_env, ChatFormat(policy.tokenizer), group_size=k, max_turns=max_turns,
-        max_new_tokens=max_new_tokens, max_context_tokens=max(4096, max_new_tokens * (max_turns + 1) * 2),
+        policy,
+        make_env,
+        ChatFormat(policy.tokenizer),
+        group_size=k,
+        max_turns=max_turns,
+        max_new_tokens=max_new_tokens,
+        max_context_tokens=max(4096, max_new_tokens * (max_turns + 1) * 2),
         progress=True,
     )
     episodes = runner.run(tasks, seed=seed)
     write_jsonl(out, episodes)
 
     stats = runner.last_stats
-    ends = Counter(ep.truncation_reason or ("error" if ep.error else "terminated") for ep in episodes)
+    ends = Counter(
+        ep.truncation_reason or ("error" if ep.error else "terminated") for ep in episodes
+    )
     table = Table(title=f"{env} / {split}: {len(tasks)} tasks x {k}")
     table.add_column("metric")
     table.add_column("value")

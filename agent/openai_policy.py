@@ -51,16 +51,23 @@ class OpenAIPolicy:
 
     def _one(self, prompt: list[int], max_new_tokens: int, stop: Sequence[str]) -> Generation:
         body = {
-            "model": self.model, "prompt": prompt, "max_tokens": max_new_tokens,
-            "temperature": self.temperature, "top_p": self.top_p, "logprobs": 1,
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "logprobs": 1,
             "stop": list(stop) or None,
             # vLLM extensions; other servers ignore unknown fields
-            "include_stop_str_in_output": True, "return_tokens_as_token_ids": True,
+            "include_stop_str_in_output": True,
+            "return_tokens_as_token_ids": True,
             "skip_special_tokens": False,
         }
         response = self.client.post("/completions", json=body)
         if response.status_code != 200:
-            raise RuntimeError(f"{self.base_url}/completions answered {response.status_code}: {response.text[:300]}")
+            raise RuntimeError(
+                f"{self.base_url}/completions answered {response.status_code}: {response.text[:300]}"
+            )
         choice = response.json()["choices"][0]
         ids, logprobs = self._tokens(choice)
         reason = {"length": "length"}.get(choice.get("finish_reason"), "eos")

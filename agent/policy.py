@@ -141,7 +141,9 @@ class HFPolicy:
         self.top_p = top_p
         self.batch_size = batch_size
         self.generator_seed = seed
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         self.eos_ids = _eos_ids(model, tokenizer)
 
     @property
@@ -155,11 +157,15 @@ class HFPolicy:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         results: list[Generation] = []
         for start in range(0, len(prompts), self.batch_size):
-            results.extend(self._generate_batch(prompts[start : start + self.batch_size], max_new_tokens, stop))
+            results.extend(
+                self._generate_batch(prompts[start : start + self.batch_size], max_new_tokens, stop)
+            )
         return results
 
     @torch.no_grad()
-    def _generate_batch(self, prompts, max_new_tokens: int, stop: Sequence[str]) -> list[Generation]:
+    def _generate_batch(
+        self, prompts, max_new_tokens: int, stop: Sequence[str]
+    ) -> list[Generation]:
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         if any(len(p) == 0 for p in prompts):

@@ -61,7 +61,9 @@ class Episode:
     def num_sampled_tokens(self) -> int:
         return sum(self.loss_mask)
 
-    def append(self, ids: Sequence[int], sampled: bool, logprobs: Sequence[float] | None = None) -> None:
+    def append(
+        self, ids: Sequence[int], sampled: bool, logprobs: Sequence[float] | None = None
+    ) -> None:
         start = len(self.token_ids)
         self.token_ids.extend(ids)
         self.loss_mask.extend([1 if sampled else 0] * len(ids))
@@ -129,8 +131,12 @@ class RolloutRunner:
         env_workers: int = 8,
         progress: bool = False,
     ) -> None:
-        for name, value in (("group_size", group_size), ("max_turns", max_turns),
-                            ("max_new_tokens", max_new_tokens), ("env_workers", env_workers)):
+        for name, value in (
+            ("group_size", group_size),
+            ("max_turns", max_turns),
+            ("max_new_tokens", max_new_tokens),
+            ("env_workers", env_workers),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if max_context_tokens <= max_new_tokens:
@@ -158,7 +164,10 @@ class RolloutRunner:
         ]
         envs: list[object | None] = [None] * len(episodes)
         started = time.perf_counter()
-        with ThreadPoolExecutor(self.env_workers) as pool, _Progress(self.progress, len(episodes)) as bar:
+        with (
+            ThreadPoolExecutor(self.env_workers) as pool,
+            _Progress(self.progress, len(episodes)) as bar,
+        ):
             try:
                 list(pool.map(lambda i: self._reset(i, episodes[i], envs), range(len(episodes))))
                 turn = 0
@@ -270,9 +279,13 @@ class _Progress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(
-                TextColumn("rollout"), BarColumn(), TextColumn("{task.completed}/{task.total} episodes"),
-                TextColumn("{task.fields[turns]} turns"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-                TimeElapsedColumn(), transient=True,
+                TextColumn("rollout"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} episodes"),
+                TextColumn("{task.fields[turns]} turns"),
+                TextColumn("{task.fields[tps]:.0f} tok/s"),
+                TimeElapsedColumn(),
+                transient=True,
             )
             self.progress.start()
             self.task = self.progress.add_task("rollout", total=self.total, turns=0, tps=0.0)
@@ -283,8 +296,10 @@ class _Progress:
             return
         tokens = sum(ep.num_sampled_tokens for ep in episodes)
         self.progress.update(
-            self.task, completed=sum(ep.done for ep in episodes),
-            turns=sum(ep.num_turns for ep in episodes), tps=tokens / max(elapsed, 1e-9),
+            self.task,
+            completed=sum(ep.done for ep in episodes),
+            turns=sum(ep.num_turns for ep in episodes),
+            tps=tokens / max(elapsed, 1e-9),
         )
 
     def __exit__(self, *exc) -> None:

@@ -92,7 +92,9 @@ class VLLMPolicy:
         for output in outputs:
             sample = output.outputs[0]
             ids = list(sample.token_ids)
-            logprobs = [step[token].logprob for token, step in zip(ids, sample.logprobs, strict=True)]
+            logprobs = [
+                step[token].logprob for token, step in zip(ids, sample.logprobs, strict=True)
+            ]
             if sample.finish_reason == "length":
                 reason = "length"
             elif isinstance(sample.stop_reason, str):

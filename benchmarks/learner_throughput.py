@@ -2,7 +2,7 @@
 
 The work timed, identical on both sides: one optimizer step of SmolLM2-135M-Instruct (fp32
 weights, fp32 loss path, 2 CPU threads) on a fixed batch of B sequences of P prompt + C
-completion tokens (default 8 x (64 + 192) = 2048 tokens): forward through the model, log-probs
+completion tokens (default 4 x (64 + 192) = 1024 tokens): forward through the model, log-probs
 and entropies of the completion tokens through each side's chunked ("fused") LM head, token-level
 PPO-clip loss (eps 0.2 / 0.28) against given old log-probs, backward, gradient clipping at 1.0,
 AdamW step. Generation is not timed on either side:
@@ -15,12 +15,13 @@ AdamW step. Generation is not timed on either side:
   advantages, ``old_per_token_logps``), ``accelerator.backward``, ``clip_grad_norm_`` and its
   optimizer and scheduler. This is exactly ``training_step`` minus the generation it triggers.
 
-Each side runs in its own process (so that peak memory is its own): load, 1 warm-up step, then
-``--repeats`` timed steps; the median is reported. tokens/s counts all B x (P + C) tokens of the
+Each side runs in its own process (so that peak memory is its own); both are loaded, then their
+steps alternate (ours, TRL, ours, ...) so that both see the same machine load: 1 warm-up step
+each, then ``--repeats`` timed steps each; the median is reported. tokens/s counts all B x (P + C) tokens of the
 batch. Peak RSS: the process's maximum resident set (``ru_maxrss``, model load included) and the
 peak sampled during the timed steps.
 
-    python benchmarks/learner_throughput.py [--batch 8] [--prompt 64] [--completion 192] [--repeats 3]
+    python benchmarks/learner_throughput.py [--batch 4] [--prompt 64] [--completion 192] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -28,22 +29,24 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _bench_util import fixed_batch, machine, now, time_steps, write_result  # noqa: E402
+from _bench_util import RssSampler, fixed_batch, machine, now, write_result  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 EPS_LOW, EPS_HIGH, LR = 0.2, 0.28, 3e-5
 
 
-def ours(args) -> dict:
+def ours(args):
     import torch
 
     from agent.models import load_model
@@ -73,10 +76,10 @@ def ours(args) -> dict:
         target_ids=sequence[:, 1:], loss_mask=loss_mask, sampler_logprobs=logprobs,
         advantages=advantages, old_logprobs=logprobs,
     )
-    return time_steps(lambda: learner.update(batch, 0.0, EPS_HIGH), args.warmup, args.repeats)
+    return lambda: learner.update(batch, 0.0, EPS_HIGH)
 
 
-def trl(args) -> dict:
+def trl(args):
     import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -98,6 +101,7 @@ def trl(args) -> dict:
         train_dataset=Dataset.from_dict({"prompt": ["x"] * args.batch}), processing_class=tokenizer,
     )
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() in a normal run
     model = trainer.model
     prompt, completion, sampler, advantages = fixed_batch(args.batch, args.prompt, args.completion,
                                                           lm.config.vocab_size)
@@ -117,33 +121,90 @@ def trl(args) -> dict:
         trainer.lr_scheduler.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
-    return time_steps(step, args.warmup, args.repeats)
+    return step
 
 
 def worker(args) -> int:
-    result = {"ours": ours, "trl": trl}[args.worker](args)
-    result["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("RESULT " + json.dumps(result), flush=True)
+    """Build one side, then run one step per ``step`` line on stdin (answering ``TIME <s>``);
+    on ``done``, print the peak RSS seen during the steps and the process's maximum RSS."""
+    step = {"ours": ours, "trl": trl}[args.worker](args)
+    print("READY", flush=True)
+    peak = 0
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        with RssSampler() as rss:
+            start = time.perf_counter()
+            step()
+            seconds = time.perf_counter() - start
+        peak = max(peak, rss.peak)
+        print(f"TIME {seconds}", flush=True)
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("RESULT " + json.dumps({"peak_rss": peak, "max_rss": max_rss}), flush=True)
     return 0
 
 
-def run_side(side: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--batch", str(args.batch), "--prompt", str(args.prompt),
-           "--completion", str(args.completion), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-           "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{side} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+class Side:
+    """A worker process driven in lock step, so both sides share the machine's conditions."""
+
+    def __init__(self, side: str, args) -> None:
+        cmd = [sys.executable, __file__, "--worker", side, "--batch", str(args.batch), "--prompt",
+               str(args.prompt), "--completion", str(args.completion), "--threads", str(args.threads)]
+        self.side = side
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the worker)
+        self.process = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.log, text=True)
+        self._expect("READY")
+
+    def _expect(self, prefix: str) -> str:
+        for line in self.process.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        self.log.seek(0)
+        raise RuntimeError(f"{self.side} worker failed (exit {self.process.wait()}):\n{self.log.read()[-3000:]}")
+
+    def step(self) -> float:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        return float(self._expect("TIME "))
+
+    def finish(self) -> dict:
+        self.process.stdin.write("done\n")
+        self.process.stdin.flush()
+        result = json.loads(self._expect("RESULT "))
+        self.process.wait()
+        return result
+
+
+def measure(args) -> dict[str, dict]:
+    """Both workers alive; steps alternate ours / TRL (warm-up steps first, not timed)."""
+    sides = {}
+    try:
+        for name in ("ours", "trl"):
+            sides[name] = Side(name, args)
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        for i in range(args.warmup + args.repeats):
+            for name, side in sides.items():
+                seconds = side.step()
+                if i >= args.warmup:
+                    times[name].append(seconds)
+        out = {}
+        for name, side in sides.items():
+            out[name] = {**side.finish(), "times_s": times[name], "median_s": statistics.median(times[name])}
+        return out
+    finally:
+        for side in sides.values():
+            if side.process.poll() is None:
+                side.process.kill()
+                side.process.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--completion", type=int, default=192)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -159,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started, machine_line = now(), machine()
     tokens = args.batch * (args.prompt + args.completion)
-    results = {side: run_side(side, args) for side in ("ours", "trl")}
+    results = measure(args)
     rows = []
     for side, label in (("ours", "eprl TorchLearner"), ("trl", f"TRL {trl_module.__version__} GRPOTrainer")):
         r = results[side]
@@ -172,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     body = f"""
 Work per step: one optimizer step on {args.batch} sequences x ({args.prompt} prompt + {args.completion}
 completion) tokens = {tokens} tokens, SmolLM2-135M-Instruct, fp32 weights and fp32 loss path,
-{args.threads} threads; {args.warmup} warm-up step, median of {args.repeats} timed steps; each side in
-its own process.
+{args.threads} threads; each side in its own process, steps alternating between the two (ours,
+TRL, ours, ...) so both see the same load; {args.warmup} warm-up step each, median of
+{args.repeats} timed steps each.
 
 {chr(10).join(table)}
 

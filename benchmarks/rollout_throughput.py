@@ -59,9 +59,16 @@ def main() -> None:
     raw_tokens, t0 = 0, time.perf_counter()
     with torch.no_grad():
         for start in range(0, len(prompts), policy.batch_size):
-            batch = tokenizer.pad({"input_ids": prompts[start : start + policy.batch_size]}, return_tensors="pt")
-            out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=True, top_k=0,
-                                 pad_token_id=tokenizer.pad_token_id)
+            batch = tokenizer.pad(
+                {"input_ids": prompts[start : start + policy.batch_size]}, return_tensors="pt"
+            )
+            out = model.generate(
+                **batch,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=True,
+                top_k=0,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             for row in out[:, batch["input_ids"].shape[1] :].tolist():
                 # sampled tokens up to and including the first EOS (the rest is padding)
                 eos = tokenizer.eos_token_id
@@ -69,7 +76,9 @@ def main() -> None:
     raw_s = time.perf_counter() - t0
 
     torch.manual_seed(0)
-    runner = RolloutRunner(policy, make_env, chat, group_size=args.k, max_new_tokens=args.max_new_tokens)
+    runner = RolloutRunner(
+        policy, make_env, chat, group_size=args.k, max_new_tokens=args.max_new_tokens
+    )
     runner.run(tasks)
     stats = runner.last_stats
     raw_tps = raw_tokens / raw_s
@@ -92,7 +101,13 @@ max {args.max_new_tokens} new tokens, batch {policy.batch_size}.
   at about 2.3x transformers' generate on this machine.
 """
     print(body)
-    write_result("rollout_throughput", "Rollout throughput (hf backend) vs raw generate", body, started, machine_line)
+    write_result(
+        "rollout_throughput",
+        "Rollout throughput (hf backend) vs raw generate",
+        body,
+        started,
+        machine_line,
+    )
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ def _allocate_host_uid() -> int:
     if _host_uids is None or _host_uids[0] != os.getpid():
         _host_uids = (os.getpid(), itertools.count(secrets.randbelow(HOST_UID_COUNT)))
     return HOST_UID_BASE + next(_host_uids[1]) % HOST_UID_COUNT
+
+
 INSTALL_HINT = (
     "install it with `sudo apt-get install bubblewrap` (Debian/Ubuntu; `dnf install bubblewrap` "
     "on Fedora), or opt in to the weaker isolation with sandbox mode 'rlimits-only'"

@@ -16,9 +16,12 @@ def fixed_batch(vocab: int, rows: int = 4, width: int = 12):
     mask = torch.ones(rows, width)
     mask[:, :4] = 0  # a "prompt" of 4 tokens
     return TrainBatch(
-        input_ids=ids[:, :-1], attention_mask=torch.ones(rows, width, dtype=torch.long),
-        target_ids=ids[:, 1:], loss_mask=mask,
-        sampler_logprobs=torch.full((rows, width), -10.0), advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
+        input_ids=ids[:, :-1],
+        attention_mask=torch.ones(rows, width, dtype=torch.long),
+        target_ids=ids[:, 1:],
+        loss_mask=mask,
+        sampler_logprobs=torch.full((rows, width), -10.0),
+        advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
     )
 
 
@@ -28,9 +31,18 @@ def main(model_dir: str, out: str, zero_stage: str, dtype: str) -> None:
     from trainer.deepspeed_learner import DeepSpeedLearner
     from trainer.precision import reference_logprobs_and_entropy
 
-    cfg = load_config(None, [f"model.name={model_dir}", "trainer.learner=deepspeed", "trainer.device=cpu",
-                             f"trainer.deepspeed.zero_stage={zero_stage}", f"model.dtype={dtype}",
-                             "trainer.lr=1e-3", "trainer.micro_batch_size=1"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            "trainer.learner=deepspeed",
+            "trainer.device=cpu",
+            f"trainer.deepspeed.zero_stage={zero_stage}",
+            f"model.dtype={dtype}",
+            "trainer.lr=1e-3",
+            "trainer.micro_batch_size=1",
+        ],
+    )
     learner = DeepSpeedLearner(load_model(model_dir), cfg, torch.device("cpu"), total_updates=1)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     batch = fixed_batch(learner.lm.config.vocab_size)
@@ -39,10 +51,16 @@ def main(model_dir: str, out: str, zero_stage: str, dtype: str) -> None:
 
     # the FP32 path under the engine: fp32 log-probs even when the engine holds bf16 weights
     logprobs, _ = learner.engine(shard.input_ids, shard.attention_mask, shard.target_ids)
-    hidden = learner.lm.base_model(input_ids=shard.input_ids, attention_mask=shard.attention_mask).last_hidden_state
+    hidden = learner.lm.base_model(
+        input_ids=shard.input_ids, attention_mask=shard.attention_mask
+    ).last_hidden_state
     weight = learner.lm.get_output_embeddings().weight
-    reference, _ = reference_logprobs_and_entropy(hidden.detach().double(), weight.detach().double(),
-                                                  shard.target_ids, compute_dtype=torch.float64)
+    reference, _ = reference_logprobs_and_entropy(
+        hidden.detach().double(),
+        weight.detach().double(),
+        shard.target_ids,
+        compute_dtype=torch.float64,
+    )
     fp32_error = float((logprobs.detach().double() - reference).abs().max())
 
     metrics = learner.update(shard, zeta=0.0, eps_high=0.28)
@@ -51,12 +69,18 @@ def main(model_dir: str, out: str, zero_stage: str, dtype: str) -> None:
     weights = dict(learner.named_weights())
     if rank == 0:
         Path = __import__("pathlib").Path
-        Path(out).write_text(json.dumps({
-            "loss": float(loss) / world, "world": world, "logprob_dtype": str(logprobs.dtype),
-            "param_dtype": str(next(learner.engine.module.parameters()).dtype),
-            "fp32_error": fp32_error,
-            "weights": {k: v.double().sum().item() for k, v in weights.items()},
-        }))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "loss": float(loss) / world,
+                    "world": world,
+                    "logprob_dtype": str(logprobs.dtype),
+                    "param_dtype": str(next(learner.engine.module.parameters()).dtype),
+                    "fp32_error": fp32_error,
+                    "weights": {k: v.double().sum().item() for k, v in weights.items()},
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def test_stop_string_ends_the_turn_where_it_appears(tiny):
     # take the text of the 5th sampled token as the stop string; the same seed must stop there
     stop = tokenizer.decode(free.token_ids[4:5])
     assert stop.strip(), "pick a token with visible text"
-    first = next(i for i in range(len(free.token_ids)) if stop in tokenizer.decode(free.token_ids[: i + 1]))
+    first = next(
+        i for i in range(len(free.token_ids)) if stop in tokenizer.decode(free.token_ids[: i + 1])
+    )
     torch.manual_seed(3)
     stopped = policy.generate(prompt, max_new_tokens=12, stop=[stop])[0]
     assert stopped.finish_reason == "stop"
@@ -105,7 +107,9 @@ class RecordObservations(gymnasium.Wrapper):
 
 
 def make_codeexec(**kwargs):
-    return lambda: gymnasium.make("eprl/CodeExec-v0", task_set="procedural", split="train", **kwargs)
+    return lambda: gymnasium.make(
+        "eprl/CodeExec-v0", task_set="procedural", split="train", **kwargs
+    )
 
 
 def test_token_in_token_out_with_a_template_that_is_not_append_only(tiny):
@@ -116,8 +120,13 @@ def test_token_in_token_out_with_a_template_that_is_not_append_only(tiny):
     policy = RecordingPolicy(HFPolicy(model, tokenizer, temperature=1.0))
     RecordObservations.log = []
     runner = RolloutRunner(
-        policy, lambda: RecordObservations(make_codeexec(max_turns=3)()), chat,
-        group_size=1, max_turns=3, max_new_tokens=16, max_context_tokens=4096,
+        policy,
+        lambda: RecordObservations(make_codeexec(max_turns=3)()),
+        chat,
+        group_size=1,
+        max_turns=3,
+        max_new_tokens=16,
+        max_context_tokens=4096,
     )
     env = make_codeexec()()
     task = env.unwrapped.task_ids("train")[0]
@@ -142,15 +151,24 @@ def test_token_in_token_out_with_a_template_that_is_not_append_only(tiny):
         assert episode.token_ids[start:end] == gen.token_ids
         assert episode.sampler_logprobs[start:end] == gen.logprobs
     sampled_positions = {i for start, end in episode.turns for i in range(start, end)}
-    assert all(episode.loss_mask[i] == (i in sampled_positions) for i in range(len(episode.token_ids)))
+    assert all(
+        episode.loss_mask[i] == (i in sampled_positions) for i in range(len(episode.token_ids))
+    )
 
     # re-rendering the conversation with the template would not give the sampled ids back
     messages = [{"role": "user", "content": observations[0]}]
     for turn, gen in enumerate(generations):
-        messages.append({"role": "assistant", "content": tokenizer.decode(gen.token_ids, skip_special_tokens=True)})
+        messages.append(
+            {
+                "role": "assistant",
+                "content": tokenizer.decode(gen.token_ids, skip_special_tokens=True),
+            }
+        )
         if turn + 1 < len(observations):
             messages.append({"role": "user", "content": observations[turn + 1]})
-    retokenised = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=False)
+    retokenised = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=False
+    )
     retokenised = retokenised if isinstance(retokenised, list) else retokenised["input_ids"]
     assert retokenised[: len(episode.token_ids)] != episode.token_ids
 
@@ -163,8 +181,15 @@ def test_groups_turn_limit_context_limit_and_jsonl(tiny, tmp_path):
     tasks = env.unwrapped.task_ids("train")[:2]
     env.close()
 
-    runner = RolloutRunner(policy, make_codeexec(max_turns=10), chat, group_size=3,
-                           max_turns=2, max_new_tokens=8, max_context_tokens=4096)
+    runner = RolloutRunner(
+        policy,
+        make_codeexec(max_turns=10),
+        chat,
+        group_size=3,
+        max_turns=2,
+        max_new_tokens=8,
+        max_context_tokens=4096,
+    )
     episodes = runner.run(tasks, seed=5)
     assert [ep.task_id for ep in episodes] == [tasks[0]] * 3 + [tasks[1]] * 3
     assert [ep.group_id for ep in episodes] == [0, 0, 0, 1, 1, 1]
@@ -177,8 +202,15 @@ def test_groups_turn_limit_context_limit_and_jsonl(tiny, tmp_path):
         assert ep.prompt_len > 0 and not any(ep.loss_mask[: ep.prompt_len])
 
     prompt_len = episodes[0].prompt_len
-    tight = RolloutRunner(policy, make_codeexec(max_turns=10), chat, group_size=1, max_turns=5,
-                          max_new_tokens=8, max_context_tokens=prompt_len + 9)
+    tight = RolloutRunner(
+        policy,
+        make_codeexec(max_turns=10),
+        chat,
+        group_size=1,
+        max_turns=5,
+        max_new_tokens=8,
+        max_context_tokens=prompt_len + 9,
+    )
     (short,) = tight.run(tasks[:1], seed=5)
     assert short.truncated and short.truncation_reason == "context_limit"
     assert len(short.token_ids) <= prompt_len + 9 and short.num_turns == 1
@@ -192,7 +224,9 @@ def test_groups_turn_limit_context_limit_and_jsonl(tiny, tmp_path):
 def test_a_failing_environment_ends_only_its_episode(tiny):
     model, tokenizer = tiny
     policy = HFPolicy(model, tokenizer)
-    runner = RolloutRunner(policy, make_codeexec(), ChatFormat(tokenizer), group_size=2, max_new_tokens=8)
+    runner = RolloutRunner(
+        policy, make_codeexec(), ChatFormat(tokenizer), group_size=2, max_new_tokens=8
+    )
     env = make_codeexec()()
     good = env.unwrapped.task_ids("train")[0]
     env.close()
@@ -204,7 +238,14 @@ def test_a_failing_environment_ends_only_its_episode(tiny):
 def test_runner_rejects_bad_limits(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="group_size must be >= 1, got 0"):
-        RolloutRunner(HFPolicy(model, tokenizer), make_codeexec(), ChatFormat(tokenizer), group_size=0)
+        RolloutRunner(
+            HFPolicy(model, tokenizer), make_codeexec(), ChatFormat(tokenizer), group_size=0
+        )
     with pytest.raises(ValueError, match="max_context_tokens"):
-        RolloutRunner(HFPolicy(model, tokenizer), make_codeexec(), ChatFormat(tokenizer),
-                      max_new_tokens=64, max_context_tokens=64)
+        RolloutRunner(
+            HFPolicy(model, tokenizer),
+            make_codeexec(),
+            ChatFormat(tokenizer),
+            max_new_tokens=64,
+            max_context_tokens=64,
+        )

@@ -25,8 +25,13 @@ def test_defaults_and_round_trip(tmp_path):
 def test_dotted_overrides_are_typed(tmp_path):
     cfg = load_config(
         write(tmp_path, {"trainer": {"lr": 1e-5}}),
-        ["trainer.lr=1e-6", "rollout.group_size=8", "objective.tis_cap=null",
-         "rollout.stop=['</code>', 'END']", "env.kwargs.max_turns=3"],
+        [
+            "trainer.lr=1e-6",
+            "rollout.group_size=8",
+            "objective.tis_cap=null",
+            "rollout.stop=['</code>', 'END']",
+            "env.kwargs.max_turns=3",
+        ],
     )
     assert cfg.trainer.lr == pytest.approx(1e-6)
     assert cfg.rollout.group_size == 8

@@ -21,10 +21,12 @@ def test_embedded_model_converts_once_then_loads_from_cache(monkeypatch):
 
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is 2+3? Answer with a number."}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "5" in answer
 
 

@@ -14,9 +14,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_deepspeed(model_dir, out, zero_stage=2, dtype="float32", nproc=2):
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000),
-               str(REPO / "tests" / "ds_worker.py"), model_dir, str(out), str(zero_stage), dtype]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        str(REPO / "tests" / "ds_worker.py"),
+        model_dir,
+        str(out),
+        str(zero_stage),
+        dtype,
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(Path(out).read_text())
@@ -34,7 +45,9 @@ def test_zero2_two_processes_match_the_torch_learner(tiny_model_dir, tmp_path):
     ds = run_deepspeed(tiny_model_dir, tmp_path / "ds.json")
     assert ds["world"] == 2
 
-    cfg = load_config(None, [f"model.name={tiny_model_dir}", "trainer.lr=1e-3", "trainer.micro_batch_size=1"])
+    cfg = load_config(
+        None, [f"model.name={tiny_model_dir}", "trainer.lr=1e-3", "trainer.micro_batch_size=1"]
+    )
     learner = TorchLearner(load_model(tiny_model_dir), cfg, torch.device("cpu"), total_updates=1)
     batch = fixed_batch(learner.lm.config.vocab_size)
     batch.old_logprobs, _ = learner.logprobs(batch)

@@ -252,9 +252,15 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
             if key not in model.model_fields:
                 prefix = ".".join(keys[:depth]) or "<root>"
                 valid = ", ".join(sorted(model.model_fields))
-                raise ConfigError(f"unknown config key {dotted!r}: {prefix} has no {key!r} (valid: {valid})")
+                raise ConfigError(
+                    f"unknown config key {dotted!r}: {prefix} has no {key!r} (valid: {valid})"
+                )
             annotation = model.model_fields[key].annotation
-            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            model = (
+                annotation
+                if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+                else None
+            )
         if depth == len(keys) - 1:
             node[key] = value
         else:
@@ -285,7 +291,9 @@ def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: list[str] | None = None
+) -> RunConfig:
     """Load a YAML run config (None -> all defaults) and apply dotted overrides."""
     tree: dict[str, Any] = {}
     source = "<defaults>"
@@ -298,7 +306,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}"
+            )
         tree = loaded or {}
         source = str(p)
     apply_overrides(tree, overrides or [])

@@ -45,8 +45,13 @@ def init_distributed(device: torch.device) -> None:
     would otherwise try MPI discovery)."""
     import deepspeed
 
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29531")):
+    for key, value in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29531"),
+    ):
         os.environ.setdefault(key, value)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
@@ -73,7 +78,9 @@ def deepspeed_config(cfg: RunConfig) -> dict:
 class DeepSpeedLearner(TorchLearner):
     """Same interface as :class:`TorchLearner`; the engine owns optimizer, clipping, scaling."""
 
-    def __init__(self, lm: nn.Module, cfg: RunConfig, device: torch.device, total_updates: int) -> None:
+    def __init__(
+        self, lm: nn.Module, cfg: RunConfig, device: torch.device, total_updates: int
+    ) -> None:
         import deepspeed
 
         init_distributed(device)
@@ -85,14 +92,24 @@ class DeepSpeedLearner(TorchLearner):
             self.lm, loss_dtype(cfg), cfg.precision.chunk_size, None, cfg.policy.temperature
         )
         if cfg.trainer.deepspeed.zero_stage == 3:
-            deepspeed.zero.register_external_parameter(self.module, self.lm.get_output_embeddings().weight)
+            deepspeed.zero.register_external_parameter(
+                self.module, self.lm.get_output_embeddings().weight
+            )
         params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            params, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas), weight_decay=cfg.trainer.weight_decay
+            params,
+            lr=cfg.trainer.lr,
+            betas=tuple(cfg.trainer.betas),
+            weight_decay=cfg.trainer.weight_decay,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_lambda(cfg, total_updates))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda=lr_lambda(cfg, total_updates)
+        )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+            model=self.module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg),
         )
 
     def logprobs(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
@@ -102,7 +119,9 @@ class DeepSpeedLearner(TorchLearner):
             for micro in micro_batches(batch, self.cfg.trainer.micro_batch_size):
                 micro = micro.to(self.device)
                 outs.append(self.engine(micro.input_ids, micro.attention_mask, micro.target_ids))
-        return torch.cat([o[0] for o in outs]).float().cpu(), torch.cat([o[1] for o in outs]).float().cpu()
+        return torch.cat([o[0] for o in outs]).float().cpu(), torch.cat(
+            [o[1] for o in outs]
+        ).float().cpu()
 
     def update(self, batch: TrainBatch, zeta: float, eps_high: float) -> dict[str, float]:
         self.engine.train()
@@ -119,7 +138,9 @@ class DeepSpeedLearner(TorchLearner):
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         out = metrics.result()
-        out.update({"loss": total_loss, "grad/norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]})
+        out.update(
+            {"loss": total_loss, "grad/norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+        )
         finite = math.isfinite(total_loss)
         if not finite:
             self.engine.zero_grad()
@@ -137,9 +158,13 @@ class DeepSpeedLearner(TorchLearner):
         logprobs, entropy = self.engine(micro.input_ids, micro.attention_mask, micro.target_ids)
         old = micro.old_logprobs if micro.old_logprobs is not None else micro.sampler_logprobs
         inputs = LossInputs(
-            logprobs=logprobs.float(), entropy=entropy.float(), old_logprobs=old,
-            sampler_logprobs=micro.sampler_logprobs, advantages=micro.advantages,
-            loss_mask=micro.loss_mask, max_tokens=self.cfg.rollout.max_new_tokens * self.cfg.rollout.max_turns,
+            logprobs=logprobs.float(),
+            entropy=entropy.float(),
+            old_logprobs=old,
+            sampler_logprobs=micro.sampler_logprobs,
+            advantages=micro.advantages,
+            loss_mask=micro.loss_mask,
+            max_tokens=self.cfg.rollout.max_new_tokens * self.cfg.rollout.max_turns,
         )
         return policy_loss(inputs, self.cfg.objective, zeta, eps_high)
 

@@ -23,18 +23,29 @@ def _evaluate(trainer, split: str, num_tasks: int, k: int) -> dict[str, float]:
     trainer.policy.temperature = cfg.eval.temperature
     try:
         summary, episodes = evaluate_policy(
-            trainer.policy, trainer.make_env, trainer.chat, tasks, k,
-            max_turns=cfg.rollout.max_turns, max_new_tokens=cfg.rollout.max_new_tokens,
-            max_context_tokens=cfg.rollout.max_context_tokens, stop=cfg.rollout.stop,
-            seed=cfg.seed + 424_242, progress=cfg.logging.progress,
+            trainer.policy,
+            trainer.make_env,
+            trainer.chat,
+            tasks,
+            k,
+            max_turns=cfg.rollout.max_turns,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            max_context_tokens=cfg.rollout.max_context_tokens,
+            stop=cfg.rollout.stop,
+            seed=cfg.seed + 424_242,
+            progress=cfg.logging.progress,
         )
     finally:
         trainer.policy.temperature = cfg.policy.temperature
-    summary["stopped_frac"] = sum(ep.finish_reasons[-1] != "length" for ep in episodes) / len(episodes)
+    summary["stopped_frac"] = sum(ep.finish_reasons[-1] != "length" for ep in episodes) / len(
+        episodes
+    )
     return summary
 
 
-def run_demo(config: str, num_tasks: int = 40, k: int = 4, overrides: list[str] | None = None) -> dict:
+def run_demo(
+    config: str, num_tasks: int = 40, k: int = 4, overrides: list[str] | None = None
+) -> dict:
     from rich.console import Console
     from rich.table import Table
 
@@ -43,17 +54,23 @@ def run_demo(config: str, num_tasks: int = 40, k: int = 4, overrides: list[str] 
     console = Console()
     cfg = load_config(config, overrides or [])
     if cfg.env.train_split == HELD_OUT_SPLIT or cfg.eval.split == HELD_OUT_SPLIT:
-        raise ValueError(f"the demo evaluates on the held-out split {HELD_OUT_SPLIT!r}: train and dev must differ")
+        raise ValueError(
+            f"the demo evaluates on the held-out split {HELD_OUT_SPLIT!r}: train and dev must differ"
+        )
     run_dir = new_run_dir(cfg)
     started = time.perf_counter()
 
-    console.print(f"[bold]1/3[/] evaluating the untrained model on {num_tasks} held-out tasks x {k} samples")
+    console.print(
+        f"[bold]1/3[/] evaluating the untrained model on {num_tasks} held-out tasks x {k} samples"
+    )
     trainer = Trainer(cfg, run_dir)
     trainer.setup()
     before = _evaluate(trainer, HELD_OUT_SPLIT, num_tasks, k)
 
-    console.print(f"[bold]2/3[/] training ({cfg.steps} steps, objective {cfg.objective.advantage}"
-                  f" + REPO-{cfg.objective.repo.variant}) -> {run_dir}")
+    console.print(
+        f"[bold]2/3[/] training ({cfg.steps} steps, objective {cfg.objective.advantage}"
+        f" + REPO-{cfg.objective.repo.variant}) -> {run_dir}"
+    )
     try:
         trainer.train()
     finally:
@@ -62,25 +79,45 @@ def run_demo(config: str, num_tasks: int = 40, k: int = 4, overrides: list[str] 
     console.print("[bold]3/3[/] evaluating the trained model on the same held-out tasks")
     after = _evaluate(trainer, HELD_OUT_SPLIT, num_tasks, k)
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     entropies = [r["entropy/mean"] for r in rows if "entropy/mean" in r]
     entropy_start = entropies[0]
     entropy_end = sum(entropies[-3:]) / len(entropies[-3:])
     summary = {
-        "before": before, "after": after, "entropy_start": entropy_start, "entropy_end": entropy_end,
-        "entropy_change": entropy_end / entropy_start - 1.0, "minutes": (time.perf_counter() - started) / 60,
-        "run_dir": str(run_dir), "held_out_split": HELD_OUT_SPLIT, "num_tasks": num_tasks, "k": k,
+        "before": before,
+        "after": after,
+        "entropy_start": entropy_start,
+        "entropy_end": entropy_end,
+        "entropy_change": entropy_end / entropy_start - 1.0,
+        "minutes": (time.perf_counter() - started) / 60,
+        "run_dir": str(run_dir),
+        "held_out_split": HELD_OUT_SPLIT,
+        "num_tasks": num_tasks,
+        "k": k,
     }
     (Path(run_dir) / "demo_summary.json").write_text(json.dumps(summary, indent=2))
 
-    table = Table(title=f"held-out {HELD_OUT_SPLIT} split: {num_tasks} tasks x {k} samples (T={cfg.eval.temperature})")
+    table = Table(
+        title=f"held-out {HELD_OUT_SPLIT} split: {num_tasks} tasks x {k} samples (T={cfg.eval.temperature})"
+    )
     for col in ("", "untrained", "trained"):
         table.add_column(col)
-    for key, label in (("pass@1", "pass@1"), (f"pass@{k}", f"pass@{k}"), ("reward/mean", "mean reward"),
-                       ("stopped_frac", "responses that stop before the cap")):
+    for key, label in (
+        ("pass@1", "pass@1"),
+        (f"pass@{k}", f"pass@{k}"),
+        ("reward/mean", "mean reward"),
+        ("stopped_frac", "responses that stop before the cap"),
+    ):
         table.add_row(label, f"{before[key]:.3f}", f"{after[key]:.3f}")
-    table.add_row("entropy of sampled tokens (train)", f"{entropy_start:.3f} (step 1)",
-                  f"{entropy_end:.3f} (last 3 steps, {summary['entropy_change']:+.1%})")
+    table.add_row(
+        "entropy of sampled tokens (train)",
+        f"{entropy_start:.3f} (step 1)",
+        f"{entropy_end:.3f} (last 3 steps, {summary['entropy_change']:+.1%})",
+    )
     console.print(table)
     console.print(f"report: {run_dir}/report.md   ({summary['minutes']:.1f} min)")
     return summary

@@ -323,19 +323,24 @@ def run_evaluation(
     max_context_tokens: int,
     stop: Sequence[str] = STOP,
     seed: int = 0,
-    tasks_per_batch: int | None = None,
+    max_episodes: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``task_ids`` x K samples, resumably; write ``out`` (JSON) and its ``.md``.
 
-    Tasks already in ``OUT.tasks.jsonl`` (same ``settings``) are not run again. Task i of
-    ``task_ids`` always gets the same seeds (its sampling RNG is seeded with ``seed + i``), so a
-    resumed evaluation samples what an uninterrupted one would have.
+    At most ``max_episodes`` episodes run at once (one generation batch; an environment with a
+    bounded pool, like AppWorld's servers, needs it no larger than the pool). Whole tasks are
+    batched when K fits, and each task's record is appended to the sidecar as soon as its K
+    episodes are done. Tasks already in ``OUT.tasks.jsonl`` (same ``settings``) are not run
+    again. Episode j of task i always gets the seeds ``seed + i * K + j`` (sampling RNG and env),
+    so a resumed evaluation samples what an uninterrupted one would have.
     """
     import torch
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if max_episodes < 1:
+        raise ValueError(f"max_episodes must be >= 1, got {max_episodes}")
     if len(set(task_ids)) != len(task_ids):
         raise ValueError("task_ids holds duplicates")
     out = Path(out)
@@ -344,22 +349,27 @@ def run_evaluation(
     log = TaskLog(sidecar_path(out), settings)
     resumed = sum(task in log.records for task in task_ids)
     todo = [(i, task) for i, task in enumerate(task_ids) if task not in log.records]
-    batch = tasks_per_batch or max(1, 32 // k)
+    tasks_per_batch = max(1, max_episodes // k)
     runner = RolloutRunner(
-        policy, make_env, chat, group_size=k, max_turns=max_turns, max_new_tokens=max_new_tokens,
+        policy, make_env, chat, group_size=1, max_turns=max_turns, max_new_tokens=max_new_tokens,
         max_context_tokens=max_context_tokens, stop=stop, progress=False,
     )
     started = time.time()
     with _EvalProgress(progress, len(task_ids), resumed) as bar:
         bar.update(list(log.records.values()))
-        for start in range(0, len(todo), batch):
-            chunk = todo[start : start + batch]
-            first = chunk[0][0]
-            torch.manual_seed(seed + first)
-            episodes = runner.run([task for _, task in chunk], seed=seed + first * k)
-            for g, (index, task) in enumerate(chunk):
-                group = [ep for ep in episodes if ep.group_id == g]
-                log.add(task_record(task, index, group, chat.tokenizer))
+        for start in range(0, len(todo), tasks_per_batch):
+            chunk = todo[start : start + tasks_per_batch]
+            samples = [(index, task, j) for index, task in chunk for j in range(k)]
+            episodes: dict[str, list[Episode]] = defaultdict(list)
+            for first in range(0, len(samples), max_episodes):
+                part = samples[first : first + max_episodes]
+                index, _, j = part[0]
+                torch.manual_seed(seed + index * k + j)
+                ran = runner.run([task for _, task, _ in part], seed=seed + index * k + j)
+                for (_, task, _), episode in zip(part, ran, strict=True):
+                    episodes[task].append(episode)
+            for index, task in chunk:
+                log.add(task_record(task, index, episodes[task], chat.tokenizer))
             bar.update(list(log.records.values()))
     records = [log.records[task] for task in task_ids]
     result = {
@@ -444,7 +454,7 @@ _LABELS = {
     "diversity/distinct_solutions": "distinct successful solutions / task",
     "diversity/distinct_frac": "distinct / successful samples",
     "entropy/sampled": "sampled-token entropy (nats)",
-    "entropy/normalised": "sampled-token entropy / ln|V|",
+    "entropy/normalised": "sampled-token entropy / ln V",
     "response/tokens_mean": "sampled tokens / episode",
     "response/stopped_frac": "responses stopped before the cap",
     "episodes/errors": "environment errors",
@@ -689,15 +699,21 @@ def load_eval_policy(model: str, backend: str, *, temperature: float, top_p: flo
         raise ValueError(f"cannot load model {model!r} with backend {backend!r}: {exc}") from None
 
 
-def _tasks_per_batch(backend: str, k: int) -> int:
-    """Tasks per generation batch (and per sidecar flush): about 32 episodes for hf, 256 for
-    the serving backends; ``$EPRL_EVAL_TASKS_PER_BATCH`` overrides it."""
-    raw = os.environ.get("EPRL_EVAL_TASKS_PER_BATCH")
+def batch_episodes(backend: str, env_id: str, env_kwargs: dict) -> int:
+    """Episodes run at once: 32 for hf (its generation batch), 256 for the serving backends;
+    for AppWorld no more than its server pool (``server_urls``, else ``max_servers``, else the
+    CPU count), since an episode holds a server from reset to end. ``$EPRL_EVAL_BATCH_EPISODES``
+    overrides it."""
+    raw = os.environ.get("EPRL_EVAL_BATCH_EPISODES")
     if raw:
         if not raw.isdigit() or int(raw) < 1:
-            raise ValueError(f"EPRL_EVAL_TASKS_PER_BATCH must be a positive integer, got {raw!r}")
+            raise ValueError(f"EPRL_EVAL_BATCH_EPISODES must be a positive integer, got {raw!r}")
         return int(raw)
-    return max(1, (32 if backend == "hf" else 256) // k)
+    episodes = 32 if backend == "hf" else 256
+    if env_id == "eprl/AppWorld-v0":
+        pool = len(env_kwargs.get("server_urls") or []) or env_kwargs.get("max_servers") or os.cpu_count() or 1
+        episodes = min(episodes, int(pool))
+    return episodes
 
 
 def _model_window(policy) -> int | None:
@@ -778,7 +794,7 @@ def evaluate_cli(
     result = run_evaluation(
         policy, make_env, ChatFormat(tokenizer), task_ids, k, out_path, settings,
         max_turns=max_turns, max_new_tokens=max_new_tokens, max_context_tokens=max_context,
-        seed=seed, tasks_per_batch=_tasks_per_batch(backend, k), progress=progress,
+        seed=seed, max_episodes=batch_episodes(backend, env, kwargs), progress=progress,
     )
     print_result(result, out_path)
     return result

@@ -50,7 +50,10 @@ class TrainBatch:
 
     def to(self, device: torch.device | str) -> TrainBatch:
         return TrainBatch(
-            *(None if (t := getattr(self, f)) is None else t.to(device) for f in self.__dataclass_fields__)
+            *(
+                None if (t := getattr(self, f)) is None else t.to(device)
+                for f in self.__dataclass_fields__
+            )
         )
 
 
@@ -96,7 +99,9 @@ class LogprobModel(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.temperature = temperature if temperature > 0 else 1.0
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor
+    ) -> tuple[Tensor, Tensor]:
         body = self.lm.base_model
         head = self.lm.get_output_embeddings()
         if self.autocast_dtype is not None:
@@ -105,8 +110,13 @@ class LogprobModel(nn.Module):
         else:
             hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return token_logprobs_and_entropy(
-            hidden, head.weight, target_ids, getattr(head, "bias", None),
-            chunk_size=self.chunk_size, compute_dtype=self.compute_dtype, temperature=self.temperature,
+            hidden,
+            head.weight,
+            target_ids,
+            getattr(head, "bias", None),
+            chunk_size=self.chunk_size,
+            compute_dtype=self.compute_dtype,
+            temperature=self.temperature,
         )
 
 
@@ -150,7 +160,9 @@ def micro_weight(micro: TrainBatch, whole: TrainBatch, aggregation: str) -> floa
 class TorchLearner:
     """Single-process learner (CPU or one GPU) with gradient accumulation and clipping."""
 
-    def __init__(self, lm: nn.Module, cfg: RunConfig, device: torch.device, total_updates: int) -> None:
+    def __init__(
+        self, lm: nn.Module, cfg: RunConfig, device: torch.device, total_updates: int
+    ) -> None:
         self.cfg = cfg
         self.device = device
         self.lm = lm.to(device=device, dtype=torch.float32)
@@ -160,7 +172,10 @@ class TorchLearner:
         )
         params = [p for p in self.lm.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas), weight_decay=cfg.trainer.weight_decay
+            params,
+            lr=cfg.trainer.lr,
+            betas=tuple(cfg.trainer.betas),
+            weight_decay=cfg.trainer.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda=lr_lambda(cfg, total_updates)
@@ -191,7 +206,9 @@ class TorchLearner:
         params = [p for p in self.lm.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.grad_clip))
         out = metrics.result()
-        out.update({"loss": total_loss, "grad/norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]})
+        out.update(
+            {"loss": total_loss, "grad/norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+        )
         if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             out["nonfinite"] = 1.0
@@ -205,9 +222,13 @@ class TorchLearner:
         logprobs, entropy = self.module(micro.input_ids, micro.attention_mask, micro.target_ids)
         old = micro.old_logprobs if micro.old_logprobs is not None else micro.sampler_logprobs
         inputs = LossInputs(
-            logprobs=logprobs, entropy=entropy, old_logprobs=old,
-            sampler_logprobs=micro.sampler_logprobs, advantages=micro.advantages,
-            loss_mask=micro.loss_mask, max_tokens=self.cfg.rollout.max_new_tokens * self.cfg.rollout.max_turns,
+            logprobs=logprobs,
+            entropy=entropy,
+            old_logprobs=old,
+            sampler_logprobs=micro.sampler_logprobs,
+            advantages=micro.advantages,
+            loss_mask=micro.loss_mask,
+            max_tokens=self.cfg.rollout.max_new_tokens * self.cfg.rollout.max_turns,
         )
         return policy_loss(inputs, self.cfg.objective, zeta, eps_high)
 

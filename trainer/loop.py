@@ -114,7 +114,9 @@ class TaskCursor:
 class RunLogger:
     """metrics.jsonl (+ TensorBoard, + W&B when enabled) with the design.md metric names."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, resume_step: int | None, enabled: bool) -> None:
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, resume_step: int | None, enabled: bool
+    ) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
@@ -124,7 +126,8 @@ class RunLogger:
         if resume_step is not None and self.path.exists():
             # steps after the checkpoint are redone: drop their rows, keep the file
             kept = [
-                line for line in self.path.read_text().splitlines()
+                line
+                for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step
             ]
             tmp = self.path.with_suffix(".jsonl.tmp")
@@ -133,12 +136,19 @@ class RunLogger:
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=(resume_step + 1) if resume_step else None)
+            self.tb = SummaryWriter(
+                str(run_dir / "tb"), purge_step=(resume_step + 1) if resume_step else None
+            )
         if cfg.logging.wandb:
             import wandb
 
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, name=run_dir.name,
-                                    config=cfg.model_dump(mode="json"), resume="allow", id=run_dir.name)
+            self.wandb = wandb.init(
+                project=cfg.logging.wandb_project,
+                name=run_dir.name,
+                config=cfg.model_dump(mode="json"),
+                resume="allow",
+                id=run_dir.name,
+            )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -166,7 +176,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return None
-    steps = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    steps = [
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+    ]
     return max(steps)[1] if steps else None
 
 
@@ -182,7 +196,9 @@ def _reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     maxima = values.clone()
     torch.distributed.all_reduce(values)
     torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
-    return {k: float(maxima[i] if k.endswith("/max") else values[i] / world) for i, k in enumerate(keys)}
+    return {
+        k: float(maxima[i] if k.endswith("/max") else values[i] / world) for i, k in enumerate(keys)
+    }
 
 
 class Trainer:
@@ -269,17 +285,28 @@ class Trainer:
             from agent.policy import HFPolicy
 
             # the policy shares the learner's parameters: pushing weights costs nothing
-            return HFPolicy(self.learner.lm, self.tokenizer, cfg.policy.temperature, cfg.policy.top_p,
-                            seed=cfg.seed)
+            return HFPolicy(
+                self.learner.lm,
+                self.tokenizer,
+                cfg.policy.temperature,
+                cfg.policy.top_p,
+                seed=cfg.seed,
+            )
         if cfg.policy.backend == "vllm":
             from agent.vllm_policy import VLLMPolicy
 
             v = cfg.policy.vllm
             return VLLMPolicy(
-                self.model_path, cfg.policy.temperature, cfg.policy.top_p, dtype=v.dtype,
-                max_model_len=v.max_model_len, tensor_parallel_size=v.tensor_parallel_size,
-                gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager,
-                fp32_head=v.fp32_head, seed=cfg.seed + self.rank,
+                self.model_path,
+                cfg.policy.temperature,
+                cfg.policy.top_p,
+                dtype=v.dtype,
+                max_model_len=v.max_model_len,
+                tensor_parallel_size=v.tensor_parallel_size,
+                gpu_memory_utilization=v.gpu_memory_utilization,
+                enforce_eager=v.enforce_eager,
+                fp32_head=v.fp32_head,
+                seed=cfg.seed + self.rank,
             )
         raise ValueError(
             f"policy.backend={cfg.policy.backend!r} cannot be trained (it is for evaluation); use hf or vllm"
@@ -290,9 +317,16 @@ class Trainer:
 
         r = self.cfg.rollout
         return RolloutRunner(
-            self.policy, self.make_env, self.chat, group_size=group_size, max_turns=r.max_turns,
-            max_new_tokens=r.max_new_tokens, max_context_tokens=r.max_context_tokens, stop=r.stop,
-            env_workers=r.env_workers, progress=False,
+            self.policy,
+            self.make_env,
+            self.chat,
+            group_size=group_size,
+            max_turns=r.max_turns,
+            max_new_tokens=r.max_new_tokens,
+            max_context_tokens=r.max_context_tokens,
+            stop=r.stop,
+            env_workers=r.env_workers,
+            progress=False,
         )
 
     # ---------------------------------------------------------------- train
@@ -331,7 +365,9 @@ class Trainer:
         tasks = self.cursor.next(cfg.rollout.tasks_per_step)[self.rank :: self.world]
         t0 = time.perf_counter()
         runner = self._runner(cfg.rollout.group_size)
-        episodes = runner.run(tasks, seed=cfg.seed * 1_000_003 + self.step * 10_007 + self.rank * 101)
+        episodes = runner.run(
+            tasks, seed=cfg.seed * 1_000_003 + self.step * 10_007 + self.rank * 101
+        )
         rollout_s = time.perf_counter() - t0
 
         valid = [ep for ep in episodes if ep.error is None and ep.num_sampled_tokens > 0]
@@ -363,11 +399,13 @@ class Trainer:
         metrics.update(learn.result())
         learn_s = time.perf_counter() - t1
         tokens = sum(len(ep.token_ids) for ep in valid)
-        metrics.update({
-            "perf/learn_s": learn_s,
-            "perf/tokens_per_s": tokens / max(rollout_s + learn_s, 1e-9),
-            "nonfinite/total": float(self.nonfinite_total),
-        })
+        metrics.update(
+            {
+                "perf/learn_s": learn_s,
+                "perf/tokens_per_s": tokens / max(rollout_s + learn_s, 1e-9),
+                "nonfinite/total": float(self.nonfinite_total),
+            }
+        )
         metrics = _reduce_metrics(metrics)
         if "entropy/mean" in metrics:
             entropy = metrics["entropy/mean"]
@@ -377,7 +415,9 @@ class Trainer:
                 self.zeta.step(entropy)
             if self.eps is not None:
                 self.eps.step(entropy)
-        metrics["entropy/initial"] = self.initial_entropy if self.initial_entropy is not None else float("nan")
+        metrics["entropy/initial"] = (
+            self.initial_entropy if self.initial_entropy is not None else float("nan")
+        )
         metrics["entropy/target"] = _target(self)
         if cfg.policy.backend != "hf":
             self.policy.update_weights(self.learner.named_weights())
@@ -415,9 +455,15 @@ class Trainer:
                 self.policy.temperature = cfg.eval.temperature
             try:
                 summary, _ = evaluate_policy(
-                    self.policy, self.make_env, self.chat, self.eval_tasks, cfg.eval.k,
-                    max_turns=cfg.rollout.max_turns, max_new_tokens=cfg.rollout.max_new_tokens,
-                    max_context_tokens=cfg.rollout.max_context_tokens, stop=cfg.rollout.stop,
+                    self.policy,
+                    self.make_env,
+                    self.chat,
+                    self.eval_tasks,
+                    cfg.eval.k,
+                    max_turns=cfg.rollout.max_turns,
+                    max_new_tokens=cfg.rollout.max_new_tokens,
+                    max_context_tokens=cfg.rollout.max_context_tokens,
+                    stop=cfg.rollout.stop,
                     seed=cfg.seed + 99_991,
                 )
             finally:
@@ -446,8 +492,9 @@ class Trainer:
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self.learner.lm.save_pretrained(tmp, state_dict=_unwrap_lora(self.learner.lm, weights),
-                                            safe_serialization=True)
+            self.learner.lm.save_pretrained(
+                tmp, state_dict=_unwrap_lora(self.learner.lm, weights), safe_serialization=True
+            )
             self.tokenizer.save_pretrained(tmp)
             torch.save(self._trainer_state(), tmp / "trainer_state.pt")
         if self.world > 1:
@@ -550,8 +597,16 @@ def _apply_lora(lm, cfg: RunConfig):
     except ImportError as exc:
         raise ImportError("trainer.lora.enabled needs peft: pip install -e .[lora]") from exc
     lora = cfg.trainer.lora
-    return get_peft_model(lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    return get_peft_model(
+        lm,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def _unwrap_lora(lm, weights: dict):
@@ -581,21 +636,35 @@ class _TrainProgress:
             )
 
             self.progress = Progress(
-                TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("reward {task.fields[reward]:.3f}  entropy {task.fields[entropy]:.3f}  "
-                           "clip lo/hi {task.fields[clip_low]:.3f}/{task.fields[clip_high]:.3f}"),
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(
+                    "reward {task.fields[reward]:.3f}  entropy {task.fields[entropy]:.3f}  "
+                    "clip lo/hi {task.fields[clip_low]:.3f}/{task.fields[clip_high]:.3f}"
+                ),
                 TimeRemainingColumn(),
             )
             self.progress.start()
-            self.task = self.progress.add_task("train", total=self.total, completed=self.start,
-                                               reward=0.0, entropy=0.0, clip_low=0.0, clip_high=0.0)
+            self.task = self.progress.add_task(
+                "train",
+                total=self.total,
+                completed=self.start,
+                reward=0.0,
+                entropy=0.0,
+                clip_low=0.0,
+                clip_high=0.0,
+            )
         return self
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         if self.progress is not None:
             self.progress.update(
-                self.task, completed=step, reward=metrics.get("reward/mean", 0.0),
-                entropy=metrics.get("entropy/mean", 0.0), clip_low=metrics.get("clip/low_frac", 0.0),
+                self.task,
+                completed=step,
+                reward=metrics.get("reward/mean", 0.0),
+                entropy=metrics.get("entropy/mean", 0.0),
+                clip_low=metrics.get("clip/low_frac", 0.0),
                 clip_high=metrics.get("clip/high_frac", 0.0),
             )
 
@@ -625,14 +694,18 @@ def train_from_cli(config: str | None, overrides: list[str], resume: str | None)
         run_dir = Path(resume)
         saved = run_dir / "config.yaml"
         if not saved.is_file():
-            raise ValueError(f"--resume {resume!r}: no config.yaml in that directory (not a run directory)")
+            raise ValueError(
+                f"--resume {resume!r}: no config.yaml in that directory (not a run directory)"
+            )
         cfg = load_config(saved, overrides)
         run_training(cfg, run_dir, resume=True)
         return run_dir
     cfg = load_config(config, overrides)
     run_dir = new_run_dir(cfg)
     if latest_checkpoint(run_dir) is not None:
-        raise ValueError(f"run directory {str(run_dir)!r} already holds checkpoints: pass --resume {run_dir}")
+        raise ValueError(
+            f"run directory {str(run_dir)!r} already holds checkpoints: pass --resume {run_dir}"
+        )
     run_training(cfg, run_dir)
     print(f"eprl: run written to {run_dir}")
     return run_dir

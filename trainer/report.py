@@ -24,7 +24,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
+    points = [
+        (r["step"], r[key])
+        for r in rows
+        if key in r and r[key] is not None and math.isfinite(r[key])
+    ]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -46,7 +50,14 @@ def write_report(run_dir: Path) -> Path:
             steps, values = _series(rows, key)
             if steps:
                 style = "--" if key.endswith("target") else "-"
-                ax.plot(steps, values, style, marker="o" if len(steps) < 30 else None, label=key, markersize=3)
+                ax.plot(
+                    steps,
+                    values,
+                    style,
+                    marker="o" if len(steps) < 30 else None,
+                    label=key,
+                    markersize=3,
+                )
                 drawn = True
         if drawn:
             ax.set_xlabel("step")
@@ -59,11 +70,22 @@ def write_report(run_dir: Path) -> Path:
         plt.close(fig)
 
     summary = ["| metric | first | last |", "|---|---|---|"]
-    for key in ["reward/mean", "success/rate", "entropy/mean", "clip/low_frac", "clip/high_frac",
-                "mismatch/kl", "repo/zeta", "adapo/eps_high", *eval_keys]:
+    for key in [
+        "reward/mean",
+        "success/rate",
+        "entropy/mean",
+        "clip/low_frac",
+        "clip/high_frac",
+        "mismatch/kl",
+        "repo/zeta",
+        "adapo/eps_high",
+        *eval_keys,
+    ]:
         steps, values = _series(rows, key)
         if values:
-            summary.append(f"| {key} | {values[0]:.4f} (step {steps[0]}) | {values[-1]:.4f} (step {steps[-1]}) |")
+            summary.append(
+                f"| {key} | {values[0]:.4f} (step {steps[0]}) | {values[-1]:.4f} (step {steps[-1]}) |"
+            )
     lines = lines[:2] + summary + [""] + lines[2:]
     out = run_dir / "report.md"
     tmp = out.with_suffix(".md.tmp")
