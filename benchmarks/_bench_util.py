@@ -37,11 +37,16 @@ def machine() -> str:
         sockets = fields.get("Socket(s)")
     except (OSError, ValueError, subprocess.SubprocessError):
         pass
-    cores = (f", {int(cores_per_socket) * int(sockets)} cores" if cores_per_socket and sockets
-             and cores_per_socket.isdigit() and sockets.isdigit() else "")
+    cores = (
+        f", {int(cores_per_socket) * int(sockets)} cores"
+        if cores_per_socket and sockets and cores_per_socket.isdigit() and sockets.isdigit()
+        else ""
+    )
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{model}, {cpus} CPUs{cores}, {mem_gib:.0f} GiB RAM, {platform.platform()}; "
-            f"1-min load average {os.getloadavg()[0]:.1f} at the start")
+    return (
+        f"{model}, {cpus} CPUs{cores}, {mem_gib:.0f} GiB RAM, {platform.platform()}; "
+        f"1-min load average {os.getloadavg()[0]:.1f} at the start"
+    )
 
 
 def command() -> str:
@@ -105,14 +110,21 @@ def time_steps(step: Callable[[], None], warmup: int, repeats: int) -> dict:
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times, "peak_rss": rss.peak}
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "times_s": times,
+        "peak_rss": rss.peak,
+    }
 
 
 def write_result(name: str, title: str, body: str, started: str, machine_line: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
-    text = (f"# {title}\n\n- Command: `{command()}`\n- Date: {started}\n- Machine: {machine_line}\n\n"
-            f"{body.strip()}\n")
+    text = (
+        f"# {title}\n\n- Command: `{command()}`\n- Date: {started}\n- Machine: {machine_line}\n\n"
+        f"{body.strip()}\n"
+    )
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

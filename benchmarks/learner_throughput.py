@@ -54,16 +54,24 @@ def ours(args):
     from trainer.learner import TorchLearner, TrainBatch
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(None, [
-        "precision.loss=fp32", f"trainer.micro_batch_size={args.batch}", f"trainer.lr={LR}",
-        "objective.aggregation=token_mean", "objective.old_logprobs=sampler",
-        f"objective.eps_low={EPS_LOW}", f"objective.eps_high={EPS_HIGH}",
-        f"rollout.max_new_tokens={args.completion}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "precision.loss=fp32",
+            f"trainer.micro_batch_size={args.batch}",
+            f"trainer.lr={LR}",
+            "objective.aggregation=token_mean",
+            "objective.old_logprobs=sampler",
+            f"objective.eps_low={EPS_LOW}",
+            f"objective.eps_high={EPS_HIGH}",
+            f"rollout.max_new_tokens={args.completion}",
+        ],
+    )
     lm = load_model(MODEL)
     learner = TorchLearner(lm, cfg, torch.device("cpu"), total_updates=100)
-    prompt, completion, sampler, advantages = fixed_batch(args.batch, args.prompt, args.completion,
-                                                          lm.config.vocab_size)
+    prompt, completion, sampler, advantages = fixed_batch(
+        args.batch, args.prompt, args.completion, lm.config.vocab_size
+    )
     sequence = torch.cat([prompt, completion], dim=1)
     width = sequence.shape[1] - 1
     # position t predicts token t + 1: completion tokens are targets from position P - 1 on
@@ -72,9 +80,13 @@ def ours(args):
     logprobs = torch.zeros(args.batch, width)
     logprobs[:, args.prompt - 1 :] = sampler
     batch = TrainBatch(
-        input_ids=sequence[:, :-1], attention_mask=torch.ones(args.batch, width, dtype=torch.long),
-        target_ids=sequence[:, 1:], loss_mask=loss_mask, sampler_logprobs=logprobs,
-        advantages=advantages, old_logprobs=logprobs,
+        input_ids=sequence[:, :-1],
+        attention_mask=torch.ones(args.batch, width, dtype=torch.long),
+        target_ids=sequence[:, 1:],
+        loss_mask=loss_mask,
+        sampler_logprobs=logprobs,
+        advantages=advantages,
+        old_logprobs=logprobs,
     )
     return lambda: learner.update(batch, 0.0, EPS_HIGH)
 
@@ -90,25 +102,46 @@ def trl(args):
     lm = load_model(MODEL)
     tokenizer = load_tokenizer(MODEL)
     config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=args.batch,
-        num_generations=args.batch, max_completion_length=args.completion, learning_rate=LR,
-        max_grad_norm=1.0, optim="adamw_torch", use_cpu=True, bf16=False, fp16=False, report_to=[],
-        loss_type="bnpo", beta=0.0, epsilon=EPS_LOW, epsilon_high=EPS_HIGH, save_strategy="no",
-        gradient_accumulation_steps=1, logging_steps=10_000, temperature=1.0,
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        per_device_train_batch_size=args.batch,
+        num_generations=args.batch,
+        max_completion_length=args.completion,
+        learning_rate=LR,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        report_to=[],
+        loss_type="bnpo",
+        beta=0.0,
+        epsilon=EPS_LOW,
+        epsilon_high=EPS_HIGH,
+        save_strategy="no",
+        gradient_accumulation_steps=1,
+        logging_steps=10_000,
+        temperature=1.0,
     )
     trainer = GRPOTrainer(
-        model=lm, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=config,
-        train_dataset=Dataset.from_dict({"prompt": ["x"] * args.batch}), processing_class=tokenizer,
+        model=lm,
+        reward_funcs=lambda completions, **_: [0.0] * len(completions),
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": ["x"] * args.batch}),
+        processing_class=tokenizer,
     )
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() in a normal run
     model = trainer.model
-    prompt, completion, sampler, advantages = fixed_batch(args.batch, args.prompt, args.completion,
-                                                          lm.config.vocab_size)
+    prompt, completion, sampler, advantages = fixed_batch(
+        args.batch, args.prompt, args.completion, lm.config.vocab_size
+    )
     inputs = {
-        "prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt),
-        "completion_ids": completion, "completion_mask": torch.ones_like(completion),
-        "advantages": advantages, "old_per_token_logps": sampler,
+        "prompt_ids": prompt,
+        "prompt_mask": torch.ones_like(prompt),
+        "completion_ids": completion,
+        "completion_mask": torch.ones_like(completion),
+        "advantages": advantages,
+        "old_per_token_logps": sampler,
         "num_items_in_batch": torch.tensor(float(completion.numel())),
     }
 
@@ -148,20 +181,35 @@ class Side:
     """A worker process driven in lock step, so both sides share the machine's conditions."""
 
     def __init__(self, side: str, args) -> None:
-        cmd = [sys.executable, __file__, "--worker", side, "--batch", str(args.batch), "--prompt",
-               str(args.prompt), "--completion", str(args.completion), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            side,
+            "--batch",
+            str(args.batch),
+            "--prompt",
+            str(args.prompt),
+            "--completion",
+            str(args.completion),
+            "--threads",
+            str(args.threads),
+        ]
         self.side = side
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the worker)
-        self.process = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.log, text=True)
+        self.process = subprocess.Popen(
+            cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True
+        )
         self._expect("READY")
 
     def _expect(self, prefix: str) -> str:
         for line in self.process.stdout:
             if line.startswith(prefix):
-                return line[len(prefix):].strip()
+                return line[len(prefix) :].strip()
         self.log.seek(0)
-        raise RuntimeError(f"{self.side} worker failed (exit {self.process.wait()}):\n{self.log.read()[-3000:]}")
+        raise RuntimeError(
+            f"{self.side} worker failed (exit {self.process.wait()}):\n{self.log.read()[-3000:]}"
+        )
 
     def step(self) -> float:
         self.process.stdin.write("step\n")
@@ -190,7 +238,11 @@ def measure(args) -> dict[str, dict]:
                     times[name].append(seconds)
         out = {}
         for name, side in sides.items():
-            out[name] = {**side.finish(), "times_s": times[name], "median_s": statistics.median(times[name])}
+            out[name] = {
+                **side.finish(),
+                "times_s": times[name],
+                "median_s": statistics.median(times[name]),
+            }
         return out
     finally:
         for side in sides.values():
@@ -214,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import trl  # noqa: F401
     except ImportError:
-        print("TRL is not installed: pip install -e '.[bench]' (the optional extra `bench`)", file=sys.stderr)
+        print(
+            "TRL is not installed: pip install -e '.[bench]' (the optional extra `bench`)",
+            file=sys.stderr,
+        )
         return 1
     import trl as trl_module
 
@@ -222,13 +277,26 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.batch * (args.prompt + args.completion)
     results = measure(args)
     rows = []
-    for side, label in (("ours", "eprl TorchLearner"), ("trl", f"TRL {trl_module.__version__} GRPOTrainer")):
+    for side, label in (
+        ("ours", "eprl TorchLearner"),
+        ("trl", f"TRL {trl_module.__version__} GRPOTrainer"),
+    ):
         r = results[side]
-        rows.append((label, r["median_s"], tokens / r["median_s"], r["peak_rss"] / 2**30, r["max_rss"] / 2**30))
+        rows.append(
+            (
+                label,
+                r["median_s"],
+                tokens / r["median_s"],
+                r["peak_rss"] / 2**30,
+                r["max_rss"] / 2**30,
+            )
+        )
     speed_ratio = results["trl"]["median_s"] / results["ours"]["median_s"]
     mem_ratio = results["ours"]["peak_rss"] / results["trl"]["peak_rss"]
-    table = ["| learner | s / step (median) | tokens/s | peak RSS in steps (GiB) | max RSS incl. load (GiB) |",
-             "|---|---:|---:|---:|---:|"]
+    table = [
+        "| learner | s / step (median) | tokens/s | peak RSS in steps (GiB) | max RSS incl. load (GiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     table += [f"| {n} | {s:.2f} | {t:.0f} | {p:.2f} | {m:.2f} |" for n, s, t, p, m in rows]
     body = f"""
 Work per step: one optimizer step on {args.batch} sequences x ({args.prompt} prompt + {args.completion}
@@ -254,11 +322,18 @@ implementations': our head projects every position of the sequence (the loss mas
 completion), TRL's only the completion positions; TRL adds its metric bookkeeping. The machine
 is shared: absolute numbers move with its load, the ratio less.
 """
-    path = write_result("learner_throughput", "Learner throughput: eprl TorchLearner vs TRL GRPOTrainer",
-                        body, started, machine_line)
+    path = write_result(
+        "learner_throughput",
+        "Learner throughput: eprl TorchLearner vs TRL GRPOTrainer",
+        body,
+        started,
+        machine_line,
+    )
     for label, s, t, p, m in rows:
         print(f"{label:32s} {s:7.2f} s/step  {t:7.0f} tokens/s  peak RSS {p:.2f} GiB (max {m:.2f})")
-    print(f"throughput ratio eprl/TRL: {speed_ratio:.2f}x   peak-memory ratio eprl/TRL: {mem_ratio:.2f}x")
+    print(
+        f"throughput ratio eprl/TRL: {speed_ratio:.2f}x   peak-memory ratio eprl/TRL: {mem_ratio:.2f}x"
+    )
     print(f"wrote {path}")
     return 0
 

@@ -54,8 +54,20 @@ from agent.rollout import Episode, RolloutRunner
 SCHEMA = 1
 STOP = ("\n```\n",)
 # the settings a resumed evaluation must share with the run that wrote the sidecar
-_RESUME_KEYS = ("model", "env", "split", "k", "backend", "env_kwargs", "max_turns",
-                "max_new_tokens", "max_context_tokens", "temperature", "top_p", "seed")
+_RESUME_KEYS = (
+    "model",
+    "env",
+    "split",
+    "k",
+    "backend",
+    "env_kwargs",
+    "max_turns",
+    "max_new_tokens",
+    "max_context_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+)
 
 
 # ---------------------------------------------------------------------------------- estimators
@@ -80,7 +92,10 @@ def summarize(episodes: Sequence[Episode], k: int) -> dict[str, float]:
     if not by_task:
         raise ValueError("no episodes to summarize")
     p1 = [pass_at_k(len(eps), sum(e.success for e in eps), 1) for eps in by_task.values()]
-    pk = [pass_at_k(len(eps), sum(e.success for e in eps), min(k, len(eps))) for eps in by_task.values()]
+    pk = [
+        pass_at_k(len(eps), sum(e.success for e in eps), min(k, len(eps)))
+        for eps in by_task.values()
+    ]
     return {
         "pass@1": sum(p1) / len(p1),
         f"pass@{k}": sum(pk) / len(pk),
@@ -106,14 +121,23 @@ def evaluate_policy(
     progress: bool = False,
 ) -> tuple[dict[str, float], list[Episode]]:
     runner = RolloutRunner(
-        policy, make_env, chat, group_size=k, max_turns=max_turns, max_new_tokens=max_new_tokens,
-        max_context_tokens=max_context_tokens, stop=stop, progress=progress,
+        policy,
+        make_env,
+        chat,
+        group_size=k,
+        max_turns=max_turns,
+        max_new_tokens=max_new_tokens,
+        max_context_tokens=max_context_tokens,
+        stop=stop,
+        progress=progress,
     )
     episodes = runner.run(task_ids, seed=seed)
     return summarize(episodes, k), episodes
 
 
-def goal_completion(task_rates: dict[str, float], scenario_of: dict[str, str]) -> tuple[float, float, int]:
+def goal_completion(
+    task_rates: dict[str, float], scenario_of: dict[str, str]
+) -> tuple[float, float, int]:
     """AppWorld's TGC and SGC from per-task success rates ``c_t / n_t`` (see the module
     docstring): ``(tgc, sgc, number of scenarios)``."""
     if not task_rates:
@@ -144,10 +168,16 @@ def episode_record(episode: Episode, tokenizer) -> dict[str, Any]:
     from envs.text import extract_code_block
 
     sampled = [lp for lp, m in zip(episode.sampler_logprobs, episode.loss_mask, strict=True) if m]
-    finite = bool(sampled) and all(math.isfinite(lp) for lp in sampled) and any(lp != 0.0 for lp in sampled)
+    finite = (
+        bool(sampled)
+        and all(math.isfinite(lp) for lp in sampled)
+        and any(lp != 0.0 for lp in sampled)
+    )
     codes = []
     for start, end in episode.turns:
-        code = extract_code_block(tokenizer.decode(episode.token_ids[start:end], skip_special_tokens=True))
+        code = extract_code_block(
+            tokenizer.decode(episode.token_ids[start:end], skip_special_tokens=True)
+        )
         if code is not None:
             codes.append(normalise_code(code))
     solution = "\n# ---- next turn ----\n".join(codes)
@@ -176,7 +206,9 @@ def task_record(task_id: str, index: int, episodes: Sequence[Episode], tokenizer
     }
 
 
-def summarize_tasks(records: Sequence[dict], k: int, vocab_size: int | None = None) -> dict[str, float | None]:
+def summarize_tasks(
+    records: Sequence[dict], k: int, vocab_size: int | None = None
+) -> dict[str, float | None]:
     """Every metric of the module docstring from per-task records (:func:`task_record`)."""
     if not records:
         raise ValueError("no task results to summarize")
@@ -214,13 +246,15 @@ def summarize_tasks(records: Sequence[dict], k: int, vocab_size: int | None = No
         metrics["entropy/normalised"] = entropy / math.log(vocab_size) if vocab_size else None
     else:
         metrics["entropy/sampled"] = metrics["entropy/normalised"] = None
-    metrics.update({
-        "response/tokens_mean": _mean(ep["sampled_tokens"] for ep in episodes),
-        "response/stopped_frac": _mean(float(ep["stopped"]) for ep in episodes),
-        "episodes/errors": float(sum(ep["error"] is not None for ep in episodes)),
-        "tasks": float(len(records)),
-        "episodes": float(len(episodes)),
-    })
+    metrics.update(
+        {
+            "response/tokens_mean": _mean(ep["sampled_tokens"] for ep in episodes),
+            "response/stopped_frac": _mean(float(ep["stopped"]) for ep in episodes),
+            "episodes/errors": float(sum(ep["error"] is not None for ep in episodes)),
+            "tasks": float(len(records)),
+            "episodes": float(len(episodes)),
+        }
+    )
     return metrics
 
 
@@ -229,13 +263,18 @@ def per_task_rows(records: Sequence[dict], k: int) -> list[dict[str, Any]]:
     for rec in records:
         eps = rec["episodes"]
         n, c = len(eps), sum(ep["success"] for ep in eps)
-        rows.append({
-            "task_id": rec["task_id"], "n": n, "successes": c,
-            "pass@1": pass_at_k(n, c, 1), f"pass@{k}": pass_at_k(n, c, min(k, n)),
-            "reward_mean": _mean(ep["reward"] for ep in eps),
-            "distinct_solutions": len({ep["solution_sha1"] for ep in eps if ep["success"]}),
-            "scenario_id": eps[0].get("scenario_id"),
-        })
+        rows.append(
+            {
+                "task_id": rec["task_id"],
+                "n": n,
+                "successes": c,
+                "pass@1": pass_at_k(n, c, 1),
+                f"pass@{k}": pass_at_k(n, c, min(k, n)),
+                "reward_mean": _mean(ep["reward"] for ep in eps),
+                "distinct_solutions": len({ep["solution_sha1"] for ep in eps if ep["success"]}),
+                "scenario_id": eps[0].get("scenario_id"),
+            }
+        )
     return rows
 
 
@@ -277,14 +316,18 @@ class TaskLog:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{self.path}: line {number} is not valid JSON ({exc}); "
-                                 "delete the file to start the evaluation over") from None
+                raise ValueError(
+                    f"{self.path}: line {number} is not valid JSON ({exc}); "
+                    "delete the file to start the evaluation over"
+                ) from None
         if not rows or rows[0].get("kind") != "header":
             raise ValueError(f"{self.path} has no header line: not an eprl evaluation sidecar")
         saved = rows[0]["settings"]
         differ = [key for key in _RESUME_KEYS if saved.get(key) != self.settings.get(key)]
         if differ:
-            detail = ", ".join(f"{key}: {saved.get(key)!r} there, {self.settings.get(key)!r} now" for key in differ)
+            detail = ", ".join(
+                f"{key}: {saved.get(key)!r} there, {self.settings.get(key)!r} now" for key in differ
+            )
             raise ValueError(
                 f"{self.path} holds results of a different evaluation ({detail}); "
                 "pass another --out or delete that file"
@@ -344,15 +387,28 @@ def run_evaluation(
     if len(set(task_ids)) != len(task_ids):
         raise ValueError("task_ids holds duplicates")
     out = Path(out)
-    settings = {**settings, "k": k, "max_turns": max_turns, "max_new_tokens": max_new_tokens,
-                "max_context_tokens": max_context_tokens, "seed": seed}
+    settings = {
+        **settings,
+        "k": k,
+        "max_turns": max_turns,
+        "max_new_tokens": max_new_tokens,
+        "max_context_tokens": max_context_tokens,
+        "seed": seed,
+    }
     log = TaskLog(sidecar_path(out), settings)
     resumed = sum(task in log.records for task in task_ids)
     todo = [(i, task) for i, task in enumerate(task_ids) if task not in log.records]
     tasks_per_batch = max(1, max_episodes // k)
     runner = RolloutRunner(
-        policy, make_env, chat, group_size=1, max_turns=max_turns, max_new_tokens=max_new_tokens,
-        max_context_tokens=max_context_tokens, stop=stop, progress=False,
+        policy,
+        make_env,
+        chat,
+        group_size=1,
+        max_turns=max_turns,
+        max_new_tokens=max_new_tokens,
+        max_context_tokens=max_context_tokens,
+        stop=stop,
+        progress=False,
     )
     started = time.time()
     with _EvalProgress(progress, len(task_ids), resumed) as bar:
@@ -388,7 +444,11 @@ def run_evaluation(
 
 
 def sidecar_path(out: Path) -> Path:
-    return out.with_name(out.name + ".tasks.jsonl") if out.suffix != ".json" else out.with_suffix(".tasks.jsonl")
+    return (
+        out.with_name(out.name + ".tasks.jsonl")
+        if out.suffix != ".json"
+        else out.with_suffix(".tasks.jsonl")
+    )
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -426,11 +486,18 @@ class _EvalProgress:
             )
 
             self.progress = Progress(
-                TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("tasks"),
-                TextColumn("pass@1 {task.fields[pass1]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn("eval"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("tasks"),
+                TextColumn("pass@1 {task.fields[pass1]:.3f}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
             )
             self.progress.start()
-            self.task = self.progress.add_task("eval", total=self.total, completed=self.done, pass1=0.0)
+            self.task = self.progress.add_task(
+                "eval", total=self.total, completed=self.done, pass1=0.0
+            )
         return self
 
     def update(self, records: list[dict]) -> None:
@@ -462,16 +529,32 @@ _LABELS = {
     "episodes": "episodes",
     "scenarios": "scenarios",
 }
-_ORDER = ["pass@1", "<pass@k>", "reward/mean", "success/rate", "tgc", "sgc", "scenarios",
-          "diversity/distinct_solutions", "diversity/distinct_frac", "entropy/sampled",
-          "entropy/normalised", "response/tokens_mean", "response/stopped_frac", "episodes/errors",
-          "tasks", "episodes"]
+_ORDER = [
+    "pass@1",
+    "<pass@k>",
+    "reward/mean",
+    "success/rate",
+    "tgc",
+    "sgc",
+    "scenarios",
+    "diversity/distinct_solutions",
+    "diversity/distinct_frac",
+    "entropy/sampled",
+    "entropy/normalised",
+    "response/tokens_mean",
+    "response/stopped_frac",
+    "episodes/errors",
+    "tasks",
+    "episodes",
+]
 
 
 def _metric_keys(results: Sequence[dict]) -> list[str]:
     present = [key for r in results for key in r["metrics"]]
-    pass_k = sorted({key for key in present if key.startswith("pass@") and key != "pass@1"},
-                    key=lambda key: int(key.split("@")[1]))
+    pass_k = sorted(
+        {key for key in present if key.startswith("pass@") and key != "pass@1"},
+        key=lambda key: int(key.split("@")[1]),
+    )
     keys: list[str] = []
     for key in _ORDER:
         if key == "<pass@k>":
@@ -498,7 +581,11 @@ def _header_rows(result: dict) -> list[tuple[str, str]]:
     s = result.get("settings", {})
     return [
         ("model", str(result.get("model"))),
-        ("environment", str(result.get("env")) + (f" {json.dumps(result['env_kwargs'])}" if result.get("env_kwargs") else "")),
+        (
+            "environment",
+            str(result.get("env"))
+            + (f" {json.dumps(result['env_kwargs'])}" if result.get("env_kwargs") else ""),
+        ),
         ("split", str(result.get("split"))),
         ("samples per task (K)", str(result.get("k"))),
         ("backend", str(result.get("backend"))),
@@ -508,12 +595,21 @@ def _header_rows(result: dict) -> list[tuple[str, str]]:
 
 
 def markdown_report(result: dict[str, Any]) -> str:
-    lines = [f"# Evaluation: {result.get('model')} on {result.get('env')} / {result.get('split')}", "",
-             f"Finished {result.get('finished_at')}; unbiased pass@k (Chen et al., 2021); "
-             "definitions in `trainer/evaluate.py`.", "", "| | |", "|---|---|"]
+    lines = [
+        f"# Evaluation: {result.get('model')} on {result.get('env')} / {result.get('split')}",
+        "",
+        f"Finished {result.get('finished_at')}; unbiased pass@k (Chen et al., 2021); "
+        "definitions in `trainer/evaluate.py`.",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {value} |" for name, value in _header_rows(result)]
     lines += ["", "| metric | value |", "|---|---:|"]
-    lines += [f"| {_LABELS.get(key, key)} | {_fmt(result['metrics'][key], key)} |" for key in _metric_keys([result])]
+    lines += [
+        f"| {_LABELS.get(key, key)} | {_fmt(result['metrics'][key], key)} |"
+        for key in _metric_keys([result])
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -570,7 +666,9 @@ def print_result(result: dict[str, Any], out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{result['env']} / {result['split']}: {int(result['metrics']['tasks'])} tasks x {result['k']}")
+    table = Table(
+        title=f"{result['env']} / {result['split']}: {int(result['metrics']['tasks'])} tasks x {result['k']}"
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in _header_rows(result):
@@ -579,7 +677,9 @@ def print_result(result: dict[str, Any], out: Path) -> None:
         table.add_row(_LABELS.get(key, key), _fmt(result["metrics"][key], key))
     console = Console()
     console.print(table)
-    console.print(f"results: {out}  (table: {out.with_suffix('.md')}; per task: {sidecar_path(out)})")
+    console.print(
+        f"results: {out}  (table: {out.with_suffix('.md')}; per task: {sidecar_path(out)})"
+    )
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -603,7 +703,9 @@ def default_out(model: str, env: str, split: str, k: int, env_kwargs: dict | Non
             name = f"{path.parent.parent.name}-{name}"
     parts = [_slug(name), _slug(env.split("/")[-1]), _slug(split), f"k{k}"]
     if env_kwargs:
-        parts.append("kw" + hashlib.sha1(json.dumps(env_kwargs, sort_keys=True).encode()).hexdigest()[:8])
+        parts.append(
+            "kw" + hashlib.sha1(json.dumps(env_kwargs, sort_keys=True).encode()).hexdigest()[:8]
+        )
     return Path("evals") / ("__".join(parts) + ".json")
 
 
@@ -623,7 +725,10 @@ def eval_limits(env_id: str, env_kwargs: dict, probe) -> tuple[int, int, int]:
     max_turns = int(max_turns or (40 if appworld else 1))
     if appworld:
         return max_turns, 1500, 16384
-    if inner_id == "eprl/CodeExec-v0" and inner_kwargs.get("task_set", "procedural") == "procedural":
+    if (
+        inner_id == "eprl/CodeExec-v0"
+        and inner_kwargs.get("task_set", "procedural") == "procedural"
+    ):
         return max_turns, 96, 2048 if max_turns == 1 else 8192
     return max_turns, 512, 2048 if max_turns == 1 else 16384
 
@@ -636,8 +741,10 @@ def _parse_openai_target(url: str) -> tuple[str, str | None, str | None]:
     options = {key: values[-1] for key, values in parse_qs(fragment).items()}
     unknown = set(options) - {"model", "tokenizer"}
     if unknown:
-        raise ValueError(f"--model {url!r}: unknown option(s) {sorted(unknown)} after '#'; "
-                         "expected model=NAME and/or tokenizer=NAME_OR_FOLDER")
+        raise ValueError(
+            f"--model {url!r}: unknown option(s) {sorted(unknown)} after '#'; "
+            "expected model=NAME and/or tokenizer=NAME_OR_FOLDER"
+        )
     return base, options.get("model"), options.get("tokenizer")
 
 
@@ -655,18 +762,29 @@ def _served_model(base: str) -> str:
         ) from None
 
 
-def load_eval_policy(model: str, backend: str, *, temperature: float, top_p: float, seed: int,
-                     max_context_tokens: int):
+def load_eval_policy(
+    model: str,
+    backend: str,
+    *,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    max_context_tokens: int,
+):
     """(policy, tokenizer) for ``backend``; errors name the model and what was expected."""
     from agent.models import ModelNotFoundError
 
     if backend == "openai":
         if not model.startswith(("http://", "https://")):
-            raise ValueError(f"--backend openai needs --model to be the server's http(s) URL, got {model!r}")
+            raise ValueError(
+                f"--backend openai needs --model to be the server's http(s) URL, got {model!r}"
+            )
         try:
             from agent.openai_policy import OpenAIPolicy
         except ImportError as exc:
-            raise ValueError(f"--backend openai is not available in this installation ({exc})") from None
+            raise ValueError(
+                f"--backend openai is not available in this installation ({exc})"
+            ) from None
         from agent.models import load_tokenizer
 
         base, served, tokenizer_name = _parse_openai_target(model)
@@ -686,8 +804,13 @@ def load_eval_policy(model: str, backend: str, *, temperature: float, top_p: flo
             from agent.models import resolve_model
             from agent.vllm_policy import VLLMPolicy
 
-            policy = VLLMPolicy(resolve_model(model), temperature, top_p, seed=seed,
-                                max_model_len=max_context_tokens)
+            policy = VLLMPolicy(
+                resolve_model(model),
+                temperature,
+                top_p,
+                seed=seed,
+                max_model_len=max_context_tokens,
+            )
             return policy, policy.tokenizer
         from agent.backends import build_policy
 
@@ -711,7 +834,12 @@ def batch_episodes(backend: str, env_id: str, env_kwargs: dict) -> int:
         return int(raw)
     episodes = 32 if backend == "hf" else 256
     if env_id == "eprl/AppWorld-v0":
-        pool = len(env_kwargs.get("server_urls") or []) or env_kwargs.get("max_servers") or os.cpu_count() or 1
+        pool = (
+            len(env_kwargs.get("server_urls") or [])
+            or env_kwargs.get("max_servers")
+            or os.cpu_count()
+            or 1
+        )
         episodes = min(episodes, int(pool))
     return episodes
 
@@ -759,7 +887,9 @@ def evaluate_cli(
         raise ValueError(f"--env-kwargs must be a JSON object, got {env_kwargs!r}")
     if env not in gymnasium.registry:
         known = sorted(name for name in gymnasium.registry if name.startswith("eprl/"))
-        raise ValueError(f"unknown environment {env!r}; expected one of {known} (`eprl envs` lists them)")
+        raise ValueError(
+            f"unknown environment {env!r}; expected one of {known} (`eprl envs` lists them)"
+        )
 
     def make_env():
         return gymnasium.make(env, **kwargs)
@@ -780,21 +910,47 @@ def evaluate_cli(
         raise ValueError(f"split {split!r} of {env} has no tasks")
     task_ids = task_ids[:num_tasks] if num_tasks else task_ids
 
-    policy, tokenizer = load_eval_policy(model, backend, temperature=temperature, top_p=top_p,
-                                         seed=seed, max_context_tokens=max_context)
+    policy, tokenizer = load_eval_policy(
+        model,
+        backend,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        max_context_tokens=max_context,
+    )
     window = _model_window(policy)
     if window:
         max_context = min(max_context, window)
     if max_context <= max_new_tokens:
-        raise ValueError(f"model {model!r} has a context of {max_context} tokens, not more than "
-                         f"the {max_new_tokens} new tokens per turn {env} needs")
+        raise ValueError(
+            f"model {model!r} has a context of {max_context} tokens, not more than "
+            f"the {max_new_tokens} new tokens per turn {env} needs"
+        )
     out_path = Path(out) if out else default_out(model, env, split, k, kwargs)
-    settings = {"model": model, "env": env, "split": split, "backend": backend, "env_kwargs": kwargs,
-                "temperature": temperature, "top_p": top_p, "vocab_size": len(tokenizer)}
+    settings = {
+        "model": model,
+        "env": env,
+        "split": split,
+        "backend": backend,
+        "env_kwargs": kwargs,
+        "temperature": temperature,
+        "top_p": top_p,
+        "vocab_size": len(tokenizer),
+    }
     result = run_evaluation(
-        policy, make_env, ChatFormat(tokenizer), task_ids, k, out_path, settings,
-        max_turns=max_turns, max_new_tokens=max_new_tokens, max_context_tokens=max_context,
-        seed=seed, max_episodes=batch_episodes(backend, env, kwargs), progress=progress,
+        policy,
+        make_env,
+        ChatFormat(tokenizer),
+        task_ids,
+        k,
+        out_path,
+        settings,
+        max_turns=max_turns,
+        max_new_tokens=max_new_tokens,
+        max_context_tokens=max_context,
+        seed=seed,
+        max_episodes=batch_episodes(backend, env, kwargs),
+        progress=progress,
     )
     print_result(result, out_path)
     return result

@@ -1,0 +1,270 @@
+"""Evaluation metrics by hand: pass@k, TGC/SGC, diversity, sampled-token entropy, tables."""
+
+import itertools
+import json
+import math
+
+import pytest
+
+from agent.rollout import Episode
+from trainer.evaluate import (
+    TaskLog,
+    compare_markdown,
+    default_out,
+    episode_record,
+    evaluate_cli,
+    goal_completion,
+    markdown_report,
+    normalise_code,
+    pass_at_k,
+    summarize,
+    summarize_tasks,
+    task_record,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from agent.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "expected"),
+    [
+        (5, 2, 1, 0.4),
+        (5, 2, 2, 1 - 3 / 10),  # 1 - C(3,2)/C(5,2)
+        (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5)
+        (4, 0, 2, 0.0),
+        (4, 4, 2, 1.0),
+        (4, 3, 2, 1.0),  # n - c < k: every 2-subset holds a success
+        (1, 1, 1, 1.0),
+    ],
+)
+def test_pass_at_k_hand_values(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_equals_enumerating_every_subset():
+    for n in range(1, 7):
+        for c in range(n + 1):
+            outcomes = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(outcomes, k))
+                exact = sum(any(s) for s in subsets) / len(subsets)
+                assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12)
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(3, 4, 1), (3, -1, 1), (3, 1, 0), (3, 1, 4)])
+def test_pass_at_k_refuses_impossible_counts(n, c, k):
+    with pytest.raises(ValueError, match="need"):
+        pass_at_k(n, c, k)
+
+
+def make_episode(tokenizer, task_id, success, code=None, scenario=None, logprob=-0.5, text=None):
+    """A finished one-turn episode whose sampled turn is ``text`` (default: ``code`` fenced)."""
+    prompt = tokenizer.encode("prompt", add_special_tokens=False)
+    action = text if text is not None else f"Here:\n```python\n{code}\n```\n"
+    sampled = tokenizer.encode(action, add_special_tokens=False)
+    ep = Episode(task_id=task_id, group_id=0, seed=0)
+    ep.append(prompt, sampled=False)
+    ep.prompt_len = len(prompt)
+    ep.append(sampled, sampled=True, logprobs=[logprob] * len(sampled))
+    ep.finish_reasons.append("stop")
+    ep.reward, ep.success, ep.terminated = (1.0 if success else 0.25), success, True
+    ep.info = {"task_id": task_id, "turn": 1} | ({"scenario_id": scenario} if scenario else {})
+    return ep
+
+
+# hand-made AppWorld-like results: scenario a has 3 tasks, b has 2; K = 2 samples per task
+SAME_A = "def f(x):\n    return x+1"
+SAME_B = "def f(x):  # add one\n\n    return (x + 1)"
+OTHER = "def f(x):\n    return 1 + x"
+HAND = {
+    "a_1": [(True, SAME_A), (True, SAME_B)],  # 2/2, one distinct solution (formatting only)
+    "a_2": [(True, SAME_A), (False, "def f(x): return 0")],  # 1/2
+    "a_3": [(True, SAME_A), (True, OTHER)],  # 2/2, two distinct solutions
+    "b_1": [(True, SAME_A), (True, SAME_A)],  # 2/2, one distinct
+    "b_2": [(False, "x"), (False, None)],  # 0/2
+}
+
+
+@pytest.fixture(scope="module")
+def hand_records(tokenizer):
+    records = []
+    for index, (task, samples) in enumerate(HAND.items()):
+        episodes = [
+            make_episode(
+                tokenizer,
+                task,
+                ok,
+                code,
+                scenario=task.split("_")[0],
+                text="no code here" if code is None else None,
+            )
+            for ok, code in samples
+        ]
+        records.append(task_record(task, index, episodes, tokenizer))
+    return records
+
+
+def test_tgc_sgc_on_hand_made_episodes(hand_records, tokenizer):
+    metrics = summarize_tasks(hand_records, k=2, vocab_size=len(tokenizer))
+    # TGC = mean over tasks of c/n; SGC = mean over scenarios of prod(c/n)
+    assert metrics["tgc"] == pytest.approx((1 + 0.5 + 1 + 1 + 0) / 5)
+    assert metrics["sgc"] == pytest.approx((1 * 0.5 * 1 + 1 * 0) / 2)
+    assert metrics["scenarios"] == 2
+    assert metrics["pass@1"] == pytest.approx(metrics["tgc"])
+    assert metrics["pass@2"] == pytest.approx((1 + 1 + 1 + 1 + 0) / 5)
+    assert metrics["success/rate"] == pytest.approx(7 / 10)
+    assert metrics["reward/mean"] == pytest.approx((7 * 1.0 + 3 * 0.25) / 10)
+    assert metrics["tasks"] == 5 and metrics["episodes"] == 10
+
+
+def test_sgc_is_the_expectation_over_one_sample_per_task():
+    rates = {"a_1": 1.0, "a_2": 0.5, "a_3": 1.0, "b_1": 1.0, "b_2": 0.0, "c_1": 0.5, "c_2": 0.5}
+    scenario = {t: t.split("_")[0] for t in rates}
+    # enumerate every way of picking one of two samples per task (rate 0.5 = one of two succeeds)
+    samples = {t: [r >= 1.0, r >= 0.5] for t, r in rates.items()}
+    tasks = list(rates)
+    totals = []
+    for pick in itertools.product(range(2), repeat=len(tasks)):
+        outcome = {t: samples[t][i] for t, i in zip(tasks, pick, strict=True)}
+        by_s = {}
+        for t, ok in outcome.items():
+            by_s.setdefault(scenario[t], []).append(ok)
+        totals.append(sum(all(v) for v in by_s.values()) / len(by_s))
+    tgc, sgc, count = goal_completion(rates, scenario)
+    assert count == 3
+    assert tgc == pytest.approx(sum(rates.values()) / len(rates))
+    assert sgc == pytest.approx(sum(totals) / len(totals))
+
+
+def test_diversity_counts_distinct_normalised_successes(hand_records):
+    metrics = summarize_tasks(hand_records, k=2)
+    # tasks with a success: a_1 -> 1 distinct of 2, a_2 -> 1 of 1, a_3 -> 2 of 2, b_1 -> 1 of 2
+    assert metrics["diversity/distinct_solutions"] == pytest.approx((1 + 1 + 2 + 1) / 4)
+    assert metrics["diversity/distinct_frac"] == pytest.approx((0.5 + 1 + 1 + 0.5) / 4)
+    assert normalise_code(SAME_A) == normalise_code(SAME_B) != normalise_code(OTHER)
+    assert normalise_code("def f(:\n   x") == "def f(: x"  # unparsable: whitespace collapsed
+
+
+def test_sampled_token_entropy_is_mean_negative_logprob(hand_records, tokenizer):
+    metrics = summarize_tasks(hand_records, k=2, vocab_size=len(tokenizer))
+    assert metrics["entropy/sampled"] == pytest.approx(0.5)
+    assert metrics["entropy/normalised"] == pytest.approx(0.5 / math.log(len(tokenizer)))
+
+
+def test_no_scenarios_no_tgc_and_nan_logprobs_no_entropy(tokenizer):
+    eps = [make_episode(tokenizer, "proc/list/L1/1", True, OTHER, logprob=float("nan"))]
+    metrics = summarize_tasks([task_record("proc/list/L1/1", 0, eps, tokenizer)], k=1)
+    assert "tgc" not in metrics and "sgc" not in metrics
+    assert metrics["entropy/sampled"] is None and metrics["pass@1"] == 1.0
+
+
+def test_summarize_keeps_its_behaviour(tokenizer):
+    eps = [
+        make_episode(tokenizer, "t1", True, OTHER),
+        make_episode(tokenizer, "t1", False, OTHER),
+        make_episode(tokenizer, "t2", False, OTHER),
+        make_episode(tokenizer, "t2", False, OTHER),
+    ]
+    assert summarize(eps, 2) == {
+        "pass@1": 0.25,
+        "pass@2": 0.5,
+        "reward/mean": pytest.approx((1 + 0.25 * 3) / 4),
+        "success/rate": 0.25,
+        "tasks": 2.0,
+        "episodes": 4.0,
+    }
+    record = episode_record(eps[0], tokenizer)
+    assert record["success"] and record["sampled_tokens"] == eps[0].num_sampled_tokens
+
+
+def test_task_log_drops_a_torn_line_and_refuses_other_settings(tmp_path, hand_records):
+    path = tmp_path / "r.tasks.jsonl"
+    settings = {"model": "m", "env": "e", "split": "test", "k": 2}
+    log = TaskLog(path, settings)
+    for rec in hand_records[:3]:
+        log.add(rec)
+    with path.open("a") as handle:
+        handle.write('{"kind": "task", "task_id": "b_1", "epi')  # killed mid-write
+    again = TaskLog(path, settings)
+    assert sorted(again.records) == ["a_1", "a_2", "a_3"]
+    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 4
+    with pytest.raises(RuntimeError, match="already"):
+        again.add(hand_records[0])
+    with pytest.raises(ValueError, match=r"different evaluation \(k: 2 there, 4 now\)"):
+        TaskLog(path, {**settings, "k": 4})
+
+
+def result_of(records, model, k=2):
+    return {
+        "model": model,
+        "env": "eprl/AppWorld-v0",
+        "split": "dev",
+        "backend": "hf",
+        "env_kwargs": {},
+        "k": k,
+        "settings": {"temperature": 1.0, "top_p": 1.0, "max_turns": 1, "max_new_tokens": 8},
+        "metrics": summarize_tasks(records, k),
+        "finished_at": "now",
+    }
+
+
+def test_compare_table_side_by_side(tmp_path, hand_records, capsys):
+    a, b = tmp_path / "base.json", tmp_path / "trained.json"
+    a.write_text(json.dumps(result_of(hand_records[:2], "base")))
+    b.write_text(json.dumps(result_of(hand_records, "trained")))
+    table = evaluate_cli(
+        model="unused",
+        env="unused",
+        split="unused",
+        k=1,
+        backend="hf",
+        out=None,
+        num_tasks=None,
+        env_kwargs=None,
+        compare=[str(a), str(b)],
+    )
+    lines = table.splitlines()
+    assert lines[0] == "| | base | trained |"
+    assert "| model | base | trained |" in lines
+    assert "| pass@1 | 0.750 | 0.700 |" in lines
+    assert "| TGC (task goal completion) | 0.750 | 0.700 |" in lines
+    assert "| SGC (scenario goal completion) | 0.500 | 0.250 |" in lines
+    assert "| tasks | 2 | 5 |" in lines
+    printed = capsys.readouterr().out
+    assert "base" in printed and "trained" in printed and "0.250" in printed
+    with pytest.raises(ValueError, match="does not exist"):
+        evaluate_cli(
+            model="m",
+            env="e",
+            split="s",
+            k=1,
+            backend="hf",
+            out=None,
+            num_tasks=None,
+            env_kwargs=None,
+            compare=[str(a), str(tmp_path / "missing.json")],
+        )
+
+
+def test_compare_with_different_k_keeps_both_pass_at_k_rows(hand_records):
+    table = compare_markdown(
+        [result_of(hand_records, "x", k=2), result_of(hand_records, "y", k=1)], ["x", "y"]
+    )
+    assert "| pass@2 | 0.800 | - |" in table.splitlines()
+
+
+def test_markdown_report_and_default_out(hand_records):
+    report = markdown_report(result_of(hand_records, "m"))
+    assert "| SGC (scenario goal completion) | 0.250 |" in report
+    assert "| sampled-token entropy (nats) | 0.500 |" in report
+    assert (
+        default_out("runs/r1/checkpoints/step_24", "eprl/CodeExec-v0", "test", 4, {}).as_posix()
+        == "evals/r1-step_24__CodeExec-v0__test__k4.json"
+    )
+    named = default_out("http://host:8000/v1", "eprl/AppWorld-v0", "dev", 2, {"max_turns": 50})
+    assert named.name.startswith("host-8000-v1__AppWorld-v0__dev__k2__kw")
