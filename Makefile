@@ -58,7 +58,9 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# TRL (the learner benchmark's peer) is the optional extra `bench`, installed only here.
 bench: setup
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python benchmarks/run_all.py
 
 # Optional: vLLM's CPU build in the main venv (3.5 GB, ~10 min; not part of setup or CI).
