@@ -199,6 +199,24 @@ def test_task_log_drops_a_torn_line_and_refuses_other_settings(tmp_path, hand_re
         TaskLog(path, {**settings, "k": 4})
 
 
+def test_task_log_survives_a_kill_while_writing_its_header(tmp_path, hand_records):
+    path = tmp_path / "r.tasks.jsonl"
+    path.write_text('{"kind": "header", "sch')
+    log = TaskLog(path, {"model": "m", "k": 2})
+    log.add(hand_records[0])
+    assert [json.loads(line)["kind"] for line in path.read_text().splitlines()] == [
+        "header",
+        "task",
+    ]
+
+
+def test_a_task_without_a_reported_scenario_falls_back_to_its_id_prefix(hand_records, tokenizer):
+    failed = make_episode(tokenizer, "b_3", False, OTHER)  # e.g. its reset failed: no scenario_id
+    records = [*hand_records, task_record("b_3", 5, [failed, failed], tokenizer)]
+    metrics = summarize_tasks(records, k=2)
+    assert metrics["scenarios"] == 2 and metrics["sgc"] == pytest.approx((0.5 + 0.0) / 2)
+
+
 def result_of(records, model, k=2):
     return {
         "model": model,

@@ -232,8 +232,10 @@ def summarize_tasks(
         "reward/mean": _mean(ep["reward"] for ep in episodes),
         "success/rate": _mean(float(ep["success"]) for ep in episodes),
     }
-    scenarios = {rec["task_id"]: rec["episodes"][0].get("scenario_id") for rec in records}
-    if all(scenarios.values()):
+    scenarios = {rec["task_id"]: _scenario(rec) for rec in records}
+    if any(scenarios.values()):
+        # a task whose episodes all failed before reporting one: AppWorld's rule, the id's prefix
+        scenarios = {t: s or t.rsplit("_", 1)[0] for t, s in scenarios.items()}
         tgc, sgc, count = goal_completion(rates, scenarios)
         metrics.update({"tgc": tgc, "sgc": sgc, "scenarios": float(count)})
     metrics["diversity/distinct_solutions"] = _mean(distinct) if distinct else None
@@ -258,6 +260,10 @@ def summarize_tasks(
     return metrics
 
 
+def _scenario(record: dict) -> str | None:
+    return next((ep["scenario_id"] for ep in record["episodes"] if ep.get("scenario_id")), None)
+
+
 def per_task_rows(records: Sequence[dict], k: int) -> list[dict[str, Any]]:
     rows = []
     for rec in records:
@@ -272,7 +278,7 @@ def per_task_rows(records: Sequence[dict], k: int) -> list[dict[str, Any]]:
                 f"pass@{k}": pass_at_k(n, c, min(k, n)),
                 "reward_mean": _mean(ep["reward"] for ep in eps),
                 "distinct_solutions": len({ep["solution_sha1"] for ep in eps if ep["success"]}),
-                "scenario_id": eps[0].get("scenario_id"),
+                "scenario_id": _scenario(rec),
             }
         )
     return rows
@@ -320,7 +326,10 @@ class TaskLog:
                     f"{self.path}: line {number} is not valid JSON ({exc}); "
                     "delete the file to start the evaluation over"
                 ) from None
-        if not rows or rows[0].get("kind") != "header":
+        if not rows:  # killed while the header itself was being written
+            self._append({"kind": "header", "schema": SCHEMA, "settings": self.settings})
+            return
+        if rows[0].get("kind") != "header":
             raise ValueError(f"{self.path} has no header line: not an eprl evaluation sidecar")
         saved = rows[0]["settings"]
         differ = [key for key in _RESUME_KEYS if saved.get(key) != self.settings.get(key)]
