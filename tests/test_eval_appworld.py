@@ -35,7 +35,8 @@ def test_eval_on_appworld_reports_task_and_scenario_goal_completion(
     assert appworld_cli.make_data(out=str(root), seed=0) == 0
     dev = (root / "data" / "datasets" / "dev.txt").read_text().split()
     scenario = dev[0].split("_")[0]
-    first_scenario = [task for task in dev if task.split("_")[0] == scenario]
+    # two of its tasks keep the test short
+    first_scenario = [task for task in dev if task.split("_")[0] == scenario][:2]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model is faster on one thread than on two shared ones
     try:
