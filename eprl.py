@@ -69,9 +69,16 @@ def demo(
 
 @app.command(name="eval")
 def evaluate(
+    results: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="with --compare: result JSONs to print side by side", show_default=False
+        ),
+    ] = None,
     model: Annotated[
-        str, typer.Option(help="checkpoint folder, model name or OpenAI-compatible URL")
-    ],
+        str | None,
+        typer.Option(help="checkpoint folder, model name or OpenAI-compatible URL"),
+    ] = None,
     env: Annotated[
         str, typer.Option(help="environment id, e.g. eprl/CodeExec-v0")
     ] = "eprl/CodeExec-v0",
@@ -82,11 +89,23 @@ def evaluate(
     num_tasks: Annotated[int | None, typer.Option(help="evaluate only the first N tasks")] = None,
     env_kwargs: Annotated[str | None, typer.Option(help="environment kwargs as JSON")] = None,
     compare: Annotated[
-        list[str] | None, typer.Option(help="print a side-by-side table of result JSONs")
-    ] = None,
+        bool,
+        typer.Option("--compare", help="print a side-by-side table of the RESULTS JSON files"),
+    ] = False,
 ) -> None:
-    """Evaluate a model on an environment split: pass@1, pass@k, reward, success, diversity."""
+    """Evaluate a model on an environment split: pass@1, pass@k, reward, success, diversity.
+
+    `eprl eval --model M --out R.json` evaluates; `eprl eval --compare A.json B.json` compares."""
     run = _impl("trainer.evaluate", "evaluate_cli", 9)
+    if compare:
+        if not results or len(results) < 2:
+            _fail(
+                ValueError(f"--compare needs at least two result JSON files, got {results or []}")
+            )
+    elif results:
+        _fail(ValueError(f"unexpected arguments {results}; result files go with --compare"))
+    elif model is None:
+        _fail(ValueError("--model is required (a checkpoint folder, model name or URL)"))
     try:
         run(
             model=model,
@@ -97,7 +116,7 @@ def evaluate(
             out=out,
             num_tasks=num_tasks,
             env_kwargs=env_kwargs,
-            compare=compare,
+            compare=results if compare else None,
         )
     except ValueError as exc:
         _fail(exc)

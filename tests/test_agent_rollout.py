@@ -57,6 +57,41 @@ def test_hf_logprobs_match_a_separate_forward_pass(tiny, temperature, top_p):
         assert torch.allclose(torch.tensor(gen.logprobs), reference, atol=1e-4)
 
 
+def test_shared_prompts_and_rows_ending_early_keep_exact_logprobs(tiny):
+    """The decode loop prefills identical prompts once and drops finished rows from the batch
+    and its KV cache: every row must still be what a separate forward pass scores, and the
+    copies of one prompt must sample independently."""
+    model, tokenizer = tiny
+    policy = HFPolicy(model, tokenizer, temperature=1.0)
+    group = prompts_for(tokenizer, ["Write a function add(a, b)."])[0]
+    other = prompts_for(tokenizer, ["Hi"])[0]
+    prompts = [group, group, other, group, other]
+    torch.manual_seed(1)
+    # single letters stop rows at scattered steps, so the batch shrinks while others go on
+    generations = policy.generate(prompts, max_new_tokens=20, stop=["e", "a"])
+    reasons = [gen.finish_reason for gen in generations]
+    lengths = [len(gen.token_ids) for gen in generations]
+    assert "stop" in reasons and len(set(lengths)) > 1, (reasons, lengths)
+    assert len({tuple(generations[i].token_ids) for i in (0, 1, 3)}) > 1
+    for prompt, gen in zip(prompts, generations, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + gen.token_ids])).logits[0, len(prompt) - 1 : -1]
+        reference = sampling_logprobs(logits, 1.0, 1.0)
+        reference = reference.gather(1, torch.tensor(gen.token_ids)[:, None]).squeeze(1)
+        assert torch.allclose(torch.tensor(gen.logprobs), reference, atol=1e-4)
+
+
+def test_sampler_draws_from_the_given_distribution():
+    from agent.policy import _sample
+
+    probs = torch.tensor([0.1, 0.25, 0.0, 0.65])
+    torch.manual_seed(0)
+    draws = _sample(probs.log().expand(40_000, 4).contiguous())
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert freq[2] == 0  # probability 0 (-inf log-prob) is never drawn
+    assert torch.allclose(freq, probs, atol=0.01), freq
+
+
 def test_stop_string_ends_the_turn_where_it_appears(tiny):
     model, tokenizer = tiny
     policy = HFPolicy(model, tokenizer, temperature=1.0)

@@ -286,3 +286,26 @@ def test_markdown_report_and_default_out(hand_records):
     )
     named = default_out("http://host:8000/v1", "eprl/AppWorld-v0", "dev", 2, {"max_turns": 50})
     assert named.name.startswith("host-8000-v1__AppWorld-v0__dev__k2__kw")
+
+
+def test_eval_cli_compare_takes_result_files_as_arguments(tmp_path, hand_records):
+    """`eprl eval --compare A.json B.json` (the documented form) prints the side-by-side table;
+    a lone file, or evaluating without --model, is a clear usage error."""
+    from typer.testing import CliRunner
+
+    from eprl import app
+
+    a, b = tmp_path / "base.json", tmp_path / "trained.json"
+    a.write_text(json.dumps(result_of(hand_records[:2], "base")))
+    b.write_text(json.dumps(result_of(hand_records, "trained")))
+    runner = CliRunner()
+    done = runner.invoke(app, ["eval", "--compare", str(a), str(b)])
+    assert done.exit_code == 0, done.output
+    row = next(line for line in done.output.splitlines() if "pass@1" in line)
+    assert "0.750" in row and "0.700" in row and row.index("0.750") < row.index("0.700")
+    lone = runner.invoke(app, ["eval", "--compare", str(a)])
+    assert lone.exit_code == 2 and "at least two" in lone.output
+    no_model = runner.invoke(app, ["eval", "--split", "test"])
+    assert no_model.exit_code == 2 and "--model is required" in no_model.output
+    stray = runner.invoke(app, ["eval", "--model", "m", str(a)])
+    assert stray.exit_code == 2 and "go with --compare" in stray.output

@@ -254,3 +254,69 @@ def test_weight_push_makes_policy_logprobs_equal_the_learners(tiny_model_dir, tm
         before.logprobs != gen.logprobs[: len(before.logprobs)] or before.token_ids != gen.token_ids
     )
     trainer.cleanup()
+
+
+def test_step_larger_than_max_parallel_episodes_rolls_out_in_parts(tiny_model_dir, tmp_path):
+    """A step of 3 tasks x K=2 with at most 4 episodes at once (AppWorld's server pool is such a
+    bound) runs in parts, keeps every group's label and gets the seeds an unsplit step gets."""
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        tiny_overrides(tiny_model_dir, tmp_path, **{"rollout.max_parallel_episodes": 4}),
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    calls = []
+    runner_factory = trainer._runner
+
+    def counting_runner(group_size):
+        runner = runner_factory(group_size)
+        run = runner.run
+
+        def counted(tasks, seed=0):
+            calls.append(len(tasks) * group_size)
+            return run(tasks, seed=seed)
+
+        runner.run = counted
+        return runner
+
+    trainer._runner = counting_runner
+    tasks = trainer.train_tasks[:3]
+    episodes = trainer._rollout(tasks, seed=100)
+    trainer.cleanup()
+    assert calls == [4, 2]
+    assert [ep.group_id for ep in episodes] == [0, 0, 1, 1, 2, 2]
+    assert [ep.task_id for ep in episodes] == [t for t in tasks for _ in range(2)]
+    assert [ep.seed for ep in episodes] == list(range(100, 106))
+    assert all(ep.num_sampled_tokens > 0 for ep in episodes)
+
+
+def test_single_update_reads_old_logprobs_off_its_own_forward(tiny_model_dir, tmp_path):
+    """With one update per batch the loop skips the separate old-log-prob pass: the update must
+    equal the one made with precomputed old log-probs (same loss, same new weights)."""
+    from agent.models import load_model
+    from trainer.learner import TorchLearner, collate
+
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        tiny_overrides(tiny_model_dir, tmp_path, **{"trainer.lr": 1e-3}),
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    episodes = trainer._runner(2).run(trainer.train_tasks[:2])
+    trainer.cleanup()
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    results = []
+    for precompute in (True, False):
+        learner = TorchLearner(load_model(tiny_model_dir), cfg, torch.device("cpu"), 4)
+        batch = collate(episodes, advantages, trainer.tokenizer.pad_token_id)
+        if precompute:
+            batch.old_logprobs, _ = learner.logprobs(batch)
+        out = learner.update(batch, zeta=0.05, eps_high=0.28)
+        results.append((out, dict(learner.named_weights())))
+    (with_pass, weights_a), (shortcut, weights_b) = results
+    assert shortcut["loss"] == pytest.approx(with_pass["loss"], rel=1e-5, abs=1e-7)
+    assert shortcut["ratio/mean"] == pytest.approx(1.0, abs=1e-6)
+    initial = load_model(tiny_model_dir).state_dict()
+    assert any(not torch.equal(weights_a[n], initial[n]) for n in weights_a), "nothing changed"
+    for name in weights_a:
+        assert torch.allclose(weights_a[name], weights_b[name], atol=1e-6), name

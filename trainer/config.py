@@ -84,6 +84,12 @@ class RolloutConfig(_Section):
     # a turn ends at the end of a code cell; EOS also ends it
     stop: list[str] = Field(default_factory=lambda: ["\n```\n"])
     env_workers: int = Field(8, ge=1, description="threads stepping environments concurrently")
+    max_parallel_episodes: int | None = Field(
+        None,
+        ge=1,
+        description="episodes rolled out at once; None -> 32 (hf) / 256 (vllm), and for AppWorld "
+        "no more than its server pool (an episode holds a server from reset to end)",
+    )
 
 
 class RepoConfig(_Section):
@@ -189,6 +195,9 @@ class EvalConfig(_Section):
     num_tasks: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0)
     at_start: bool = True
+    at_end: bool = Field(
+        True, description="evaluate after the last step (`eprl demo` turns it off)"
+    )
 
 
 class LoggingConfig(_Section):

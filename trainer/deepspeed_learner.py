@@ -111,20 +111,10 @@ class DeepSpeedLearner(TorchLearner):
             lr_scheduler=scheduler,
             config=deepspeed_config(cfg),
         )
-
-    def logprobs(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
-        self.engine.eval()
-        outs = []
-        with torch.no_grad():
-            for micro in micro_batches(batch, self.cfg.trainer.micro_batch_size):
-                micro = micro.to(self.device)
-                outs.append(self.engine(micro.input_ids, micro.attention_mask, micro.target_ids))
-        return torch.cat([o[0] for o in outs]).float().cpu(), torch.cat(
-            [o[1] for o in outs]
-        ).float().cpu()
+        self.forward = self.engine  # logprobs() and the loss run through the engine
 
     def update(self, batch: TrainBatch, zeta: float, eps_high: float) -> dict[str, float]:
-        self.engine.train()
+        self.forward.train()
         metrics = MetricAccumulator()
         total_loss = 0.0
         micros = list(micro_batches(batch, self.cfg.trainer.micro_batch_size))
@@ -151,22 +141,6 @@ class DeepSpeedLearner(TorchLearner):
         out["grad/norm"] = float(grad_norm) if grad_norm is not None else out["grad/norm"]
         out["nonfinite"] = 0.0 if math.isfinite(out["grad/norm"]) else 1.0
         return out
-
-    def _micro_loss(self, micro: TrainBatch, zeta: float, eps_high: float):
-        from trainer.objectives import LossInputs, policy_loss
-
-        logprobs, entropy = self.engine(micro.input_ids, micro.attention_mask, micro.target_ids)
-        old = micro.old_logprobs if micro.old_logprobs is not None else micro.sampler_logprobs
-        inputs = LossInputs(
-            logprobs=logprobs.float(),
-            entropy=entropy.float(),
-            old_logprobs=old,
-            sampler_logprobs=micro.sampler_logprobs,
-            advantages=micro.advantages,
-            loss_mask=micro.loss_mask,
-            max_tokens=self.cfg.rollout.max_new_tokens * self.cfg.rollout.max_turns,
-        )
-        return policy_loss(inputs, self.cfg.objective, zeta, eps_high)
 
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
         """Full-precision full weights with HF names (gathered under ZeRO-3), on every rank."""

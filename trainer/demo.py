@@ -14,12 +14,22 @@ from trainer.loop import new_run_dir
 HELD_OUT_SPLIT = "test"
 
 
+def held_out_tasks(task_ids: list[str], num_tasks: int) -> list[str]:
+    """``num_tasks`` tasks spread evenly over the split's kinds (family and level), not the
+    split's first ones (which are all of one family)."""
+    from trainer.evaluate import stratified_tasks
+
+    kinds = len({task.rpartition("/")[0] for task in task_ids})
+    per_kind = -(-num_tasks // max(kinds, 1))
+    return stratified_tasks(task_ids, per_kind)[:num_tasks]
+
+
 def _evaluate(trainer, split: str, num_tasks: int, k: int) -> dict[str, float]:
     from trainer.evaluate import evaluate_policy
     from trainer.loop import split_task_ids
 
     cfg = trainer.cfg
-    tasks = split_task_ids(trainer.make_env, split)[:num_tasks]
+    tasks = held_out_tasks(split_task_ids(trainer.make_env, split), num_tasks)
     trainer.policy.temperature = cfg.eval.temperature
     try:
         summary, episodes = evaluate_policy(
@@ -44,7 +54,7 @@ def _evaluate(trainer, split: str, num_tasks: int, k: int) -> dict[str, float]:
 
 
 def run_demo(
-    config: str, num_tasks: int = 40, k: int = 4, overrides: list[str] | None = None
+    config: str, num_tasks: int = 48, k: int = 2, overrides: list[str] | None = None
 ) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -52,7 +62,8 @@ def run_demo(
     from trainer.loop import Trainer
 
     console = Console()
-    cfg = load_config(config, overrides or [])
+    # the demo evaluates on the held-out split itself, before and after: no dev pass at the end
+    cfg = load_config(config, ["eval.at_end=false", *(overrides or [])])
     if cfg.env.train_split == HELD_OUT_SPLIT or cfg.eval.split == HELD_OUT_SPLIT:
         raise ValueError(
             f"the demo evaluates on the held-out split {HELD_OUT_SPLIT!r}: train and dev must differ"
@@ -93,6 +104,8 @@ def run_demo(
         "entropy_start": entropy_start,
         "entropy_end": entropy_end,
         "entropy_change": entropy_end / entropy_start - 1.0,
+        # the same held-out prompts before and after: the entropy comparison without batch noise
+        "held_out_entropy_change": after["entropy/sampled"] / before["entropy/sampled"] - 1.0,
         "minutes": (time.perf_counter() - started) / 60,
         "run_dir": str(run_dir),
         "held_out_split": HELD_OUT_SPLIT,
@@ -113,6 +126,11 @@ def run_demo(
         ("stopped_frac", "responses that stop before the cap"),
     ):
         table.add_row(label, f"{before[key]:.3f}", f"{after[key]:.3f}")
+    table.add_row(
+        "entropy of sampled tokens (held-out)",
+        f"{before['entropy/sampled']:.3f}",
+        f"{after['entropy/sampled']:.3f} ({summary['held_out_entropy_change']:+.1%})",
+    )
     table.add_row(
         "entropy of sampled tokens (train)",
         f"{entropy_start:.3f} (step 1)",

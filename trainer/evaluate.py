@@ -831,6 +831,19 @@ def load_eval_policy(
         raise ValueError(f"cannot load model {model!r} with backend {backend!r}: {exc}") from None
 
 
+def stratified_tasks(task_ids: Sequence[str], per_group: int) -> list[str]:
+    """The first ``per_group`` tasks of each kind, in the split's order, kinds in order of first
+    appearance. A task's kind is its id up to the last ``/`` (``proc/<family>/L<level>`` for
+    procedural CodeExec tasks); ids without ``/`` form one kind. A held-out subset that covers
+    every family and level, where the split's own first N tasks would all be of one kind."""
+    if per_group < 1:
+        raise ValueError(f"per_group must be >= 1, got {per_group}")
+    groups: dict[str, list[str]] = {}
+    for task in task_ids:
+        groups.setdefault(task.rpartition("/")[0], []).append(task)
+    return [task for members in groups.values() for task in members[:per_group]]
+
+
 def batch_episodes(backend: str, env_id: str, env_kwargs: dict) -> int:
     """Episodes run at once: 32 for hf (its generation batch), 256 for the serving backends;
     for AppWorld no more than its server pool (``server_urls``, else ``max_servers``, else the

@@ -170,6 +170,8 @@ class TorchLearner:
         self.module = LogprobModel(
             self.lm, loss_dtype(cfg), cfg.precision.chunk_size, autocast, cfg.policy.temperature
         )
+        # what computes (logprobs, entropy): the module here, the DeepSpeed engine in the subclass
+        self.forward: nn.Module = self.module
         params = [p for p in self.lm.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params,
@@ -183,17 +185,18 @@ class TorchLearner:
 
     def logprobs(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
         """Log-probs and entropies of the whole batch without gradients (old log-probs)."""
-        self.lm.eval()
+        self.forward.eval()
         outs = []
         with torch.no_grad():
             for micro in micro_batches(batch, self.cfg.trainer.micro_batch_size):
                 micro = micro.to(self.device)
-                outs.append(self.module(micro.input_ids, micro.attention_mask, micro.target_ids))
-        return torch.cat([o[0] for o in outs]).cpu(), torch.cat([o[1] for o in outs]).cpu()
+                outs.append(self.forward(micro.input_ids, micro.attention_mask, micro.target_ids))
+        logprobs = torch.cat([o[0] for o in outs]).float().cpu()
+        return logprobs, torch.cat([o[1] for o in outs]).float().cpu()
 
     def update(self, batch: TrainBatch, zeta: float, eps_high: float) -> dict[str, float]:
         """One optimizer step over a mini-batch (accumulated over micro-batches)."""
-        self.lm.train()
+        self.forward.train()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = MetricAccumulator()
         total_loss = 0.0
@@ -219,11 +222,17 @@ class TorchLearner:
         return out
 
     def _micro_loss(self, micro: TrainBatch, zeta: float, eps_high: float):
-        logprobs, entropy = self.module(micro.input_ids, micro.attention_mask, micro.target_ids)
-        old = micro.old_logprobs if micro.old_logprobs is not None else micro.sampler_logprobs
+        logprobs, entropy = self.forward(micro.input_ids, micro.attention_mask, micro.target_ids)
+        old = micro.old_logprobs
+        if old is None:
+            # no precomputed old log-probs: with objective.old_logprobs=learner that means a single
+            # update per batch (the loop skips the extra pass), where the old policy is the
+            # current one, so its log-probs are this forward's, detached
+            on_policy = self.cfg.objective.old_logprobs == "learner"
+            old = logprobs.detach() if on_policy else micro.sampler_logprobs
         inputs = LossInputs(
-            logprobs=logprobs,
-            entropy=entropy,
+            logprobs=logprobs.float(),
+            entropy=entropy.float(),
             old_logprobs=old,
             sampler_logprobs=micro.sampler_logprobs,
             advantages=micro.advantages,

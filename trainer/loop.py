@@ -329,6 +329,29 @@ class Trainer:
             progress=False,
         )
 
+    def _rollout(self, tasks: list[str], seed: int) -> list:
+        """K episodes per task, at most ``rollout.max_parallel_episodes`` at once. Episode ``j`` of
+        task ``g`` gets group id ``g`` and seed ``seed + g * K + j`` however the step is split, so
+        an AppWorld step larger than the server pool runs in parts instead of waiting forever."""
+        from trainer.evaluate import batch_episodes
+
+        r = self.cfg.rollout
+        limit = r.max_parallel_episodes or batch_episodes(
+            self.cfg.policy.backend, self.cfg.env.id, self.cfg.env.kwargs
+        )
+        if len(tasks) * r.group_size <= limit:
+            return self._runner(r.group_size).run(tasks, seed=seed)
+        samples = [(g, task) for g, task in enumerate(tasks) for _ in range(r.group_size)]
+        runner = self._runner(1)
+        episodes = []
+        for first in range(0, len(samples), limit):
+            part = samples[first : first + limit]
+            ran = runner.run([task for _, task in part], seed=seed + first)
+            for (g, _), episode in zip(part, ran, strict=True):
+                episode.group_id = g
+            episodes.extend(ran)
+        return episodes
+
     # ---------------------------------------------------------------- train
     def train(self) -> dict[str, float]:
         cfg = self.cfg
@@ -342,7 +365,7 @@ class Trainer:
                 metrics = self.train_step()
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.steps:
                     metrics.update(self.evaluate())
-                if self.step == cfg.steps:
+                if self.step == cfg.steps and cfg.eval.at_end:
                     metrics.update(self.evaluate())
                 self._log(self.step, metrics)
                 last = metrics
@@ -364,8 +387,7 @@ class Trainer:
         cfg = self.cfg
         tasks = self.cursor.next(cfg.rollout.tasks_per_step)[self.rank :: self.world]
         t0 = time.perf_counter()
-        runner = self._runner(cfg.rollout.group_size)
-        episodes = runner.run(
+        episodes = self._rollout(
             tasks, seed=cfg.seed * 1_000_003 + self.step * 10_007 + self.rank * 101
         )
         rollout_s = time.perf_counter() - t0
@@ -425,7 +447,12 @@ class Trainer:
 
     def _update(self, batch, learn) -> None:
         cfg = self.cfg
-        if cfg.objective.old_logprobs == "learner":
+        if (
+            cfg.objective.old_logprobs == "learner"
+            and cfg.trainer.epochs * cfg.trainer.mini_batches > 1
+        ):
+            # several updates per batch: the later ones are off-policy and need the log-probs of
+            # the weights before the first; a single update reads them off its own forward
             batch.old_logprobs, _ = self.learner.logprobs(batch)
         zeta = self.zeta.zeta if cfg.objective.repo.variant != "none" else 0.0
         eps_high = self.eps.eps_high if self.eps is not None else cfg.objective.eps_high

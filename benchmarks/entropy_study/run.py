@@ -6,12 +6,13 @@ Methods (``configs/<method>.yaml``; only ``objective`` and ``precision`` differ)
 (clip-higher), rloo_fp32 (RLOO/LOOP with the FP32 loss path), rloo_bf16 (the same with
 ``precision.loss: bf16``), repo_r, repo_d, adapo.
 
-Budget (defaults, sized for about two hours on 2 CPU cores with the calibration of
-platform-notes: ~21 s per step of 4 tasks x K=4 x 96 tokens, ~2.7 min per 240 evaluation
-samples): 24 steps per method; held-out pass@1 / pass@4 on 36 test tasks (3 of each family and
-level) x K=4 after steps 8, 16 and 24, and once for the untrained model (``baseline.json``, the
-step-0 point of every method). rloo_bf16 runs last: bf16 matmuls are slow on this CPU (see
-benchmarks/results/fp32_path_cost.md), so it costs more wall time than the others.
+Budget (the configs' defaults, sized for about 75 minutes on 2 CPU cores as measured here:
+~50 s per step of 3 tasks x K=4 x 96 tokens with two mini-batch updates, ~1 s per evaluation
+sample): 8 steps per method at lr 5e-5 on levels 1-2 (as the quick start); held-out pass@1 /
+pass@4 on 24 test tasks (3 of each family and level) x K=4 after steps 4 and 8, and once for the untrained model
+(``baseline.json``, the step-0 point of every method). rloo_bf16 runs last: bf16 matmuls are
+slow on this CPU (see benchmarks/results/fp32_path_cost.md), so it costs more wall time than
+the others. Longer runs: ``--steps 24 --eval-every 8``.
 
 Every method run is an eprl run directory ``RUNS/<method>_s<seed>`` (checkpoint every 4 steps).
 The driver skips finished runs (``study_done.json``), resumes interrupted ones from their last
@@ -36,12 +37,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 STUDY = Path(__file__).resolve().parent
 ROOT = STUDY.parents[1]
 sys.path.insert(0, str(ROOT))
+
+from trainer.evaluate import stratified_tasks  # noqa: E402  (re-exported for the tests)
 
 METHODS = ["grpo", "dapo", "rloo_fp32", "repo_r", "repo_d", "adapo", "rloo_bf16"]
 SEED_METHODS = ("grpo", "repo_r")  # the pair the extra seeds are for
@@ -50,15 +52,6 @@ ATTEMPTS = "study_attempts.jsonl"
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def stratified_tasks(task_ids: list[str], per_group: int) -> list[str]:
-    """The first ``per_group`` tasks of each (family, level) of a procedural split, in the split's
-    order (ids ``proc/<family>/L<level>/<seed>``): a held-out set that covers every kind of task."""
-    groups: OrderedDict[tuple[str, ...], list[str]] = OrderedDict()
-    for task in task_ids:
-        groups.setdefault(tuple(task.split("/")[1:3]), []).append(task)
-    return [task for members in groups.values() for task in members[:per_group]]
 
 
 def overrides_for(args, method: str, seed: int) -> list[str]:
@@ -73,7 +66,6 @@ def overrides_for(args, method: str, seed: int) -> list[str]:
         out.append(f"eval.every={args.eval_every}")
     if args.eval_k is not None:
         out.append(f"eval.k={args.eval_k}")
-    out.append(f"eval.num_tasks={args.eval_tasks_per_group * 12}")
     return out + list(args.set or [])
 
 
@@ -431,14 +423,14 @@ def parse(argv: list[str] | None):
     parser.add_argument(
         "--extra-seeds", default="", help=f"more seeds for {' and '.join(SEED_METHODS)} only"
     )
-    parser.add_argument("--steps", type=int, help="override steps (default: the configs' 24)")
-    parser.add_argument("--eval-every", type=int, help="override eval.every (default 8)")
+    parser.add_argument("--steps", type=int, help="override steps (default: the configs' 8)")
+    parser.add_argument("--eval-every", type=int, help="override eval.every (default 4)")
     parser.add_argument("--eval-k", type=int, help="override eval.k (default 4)")
     parser.add_argument(
         "--eval-tasks-per-group",
         type=int,
         default=3,
-        help="held-out tasks per (family, level); 12 groups (default 3 -> 36 tasks)",
+        help="held-out tasks per (family, level) (default 3: 24 tasks over levels 1-2)",
     )
     parser.add_argument("--runs-root", default=str(STUDY / "runs"))
     parser.add_argument(
