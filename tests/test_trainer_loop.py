@@ -1,6 +1,7 @@
 """End-to-end training runs with a tiny model: artifacts, learning, resume, weight push."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -320,3 +321,31 @@ def test_single_update_reads_old_logprobs_off_its_own_forward(tiny_model_dir, tm
     assert any(not torch.equal(weights_a[n], initial[n]) for n in weights_a), "nothing changed"
     for name in weights_a:
         assert torch.allclose(weights_a[name], weights_b[name], atol=1e-6), name
+
+
+def test_demo_trains_then_compares_on_stratified_held_out_tasks(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    """`eprl demo` end to end with a tiny model: both evaluations, the summary file and the
+    printed table (pass@1, held-out and train entropy before and after)."""
+    from trainer.demo import held_out_tasks, run_demo
+
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps the table's labels in a narrow terminal
+    ids = [f"proc/{fam}/L{lvl}/{i}" for fam in ("a", "b") for lvl in (1, 2) for i in range(5)]
+    chosen = held_out_tasks(ids, 6)
+    assert len(chosen) == 6 and len({t.rpartition("/")[0] for t in chosen}) == 4
+    summary = run_demo(
+        str(REPO / "configs" / "quickstart.yaml"),
+        num_tasks=2,
+        k=2,
+        overrides=tiny_overrides(tiny_model_dir, tmp_path, steps=1, **{"eval.at_start": False}),
+    )
+    run_dir = Path(summary["run_dir"])
+    saved = json.loads((run_dir / "demo_summary.json").read_text())
+    for side in ("before", "after"):
+        assert saved[side]["tasks"] == 2 and 0 <= saved[side]["pass@1"] <= 1
+        assert saved[side]["entropy/sampled"] > 0
+    assert math.isfinite(saved["held_out_entropy_change"])
+    assert not any("eval/" in key for row in rows(run_dir) for key in row)  # no dev pass at the end
+    printed = capsys.readouterr().out
+    assert "entropy of sampled tokens (held-out)" in printed and "untrained" in printed

@@ -15,13 +15,17 @@ HELD_OUT_SPLIT = "test"
 
 
 def held_out_tasks(task_ids: list[str], num_tasks: int) -> list[str]:
-    """``num_tasks`` tasks spread evenly over the split's kinds (family and level), not the
-    split's first ones (which are all of one family)."""
-    from trainer.evaluate import stratified_tasks
-
-    kinds = len({task.rpartition("/")[0] for task in task_ids})
-    per_kind = -(-num_tasks // max(kinds, 1))
-    return stratified_tasks(task_ids, per_kind)[:num_tasks]
+    """``num_tasks`` tasks taken in turn from each kind of the split (family and level: the id
+    up to its last ``/``), not the split's first ones, which are all of one kind."""
+    kinds: dict[str, list[str]] = {}
+    for task in task_ids:
+        kinds.setdefault(task.rpartition("/")[0], []).append(task)
+    chosen: list[str] = []
+    for rank in range(max((len(members) for members in kinds.values()), default=0)):
+        for members in kinds.values():
+            if rank < len(members) and len(chosen) < num_tasks:
+                chosen.append(members[rank])
+    return chosen
 
 
 def _evaluate(trainer, split: str, num_tasks: int, k: int) -> dict[str, float]:
@@ -47,6 +51,13 @@ def _evaluate(trainer, split: str, num_tasks: int, k: int) -> dict[str, float]:
         )
     finally:
         trainer.policy.temperature = cfg.policy.temperature
+    nll = [
+        -logprob
+        for ep in episodes
+        for logprob, sampled in zip(ep.sampler_logprobs, ep.loss_mask, strict=True)
+        if sampled
+    ]
+    summary["entropy/sampled"] = sum(nll) / len(nll) if nll else float("nan")
     summary["stopped_frac"] = sum(ep.finish_reasons[-1] != "length" for ep in episodes) / len(
         episodes
     )
@@ -54,7 +65,7 @@ def _evaluate(trainer, split: str, num_tasks: int, k: int) -> dict[str, float]:
 
 
 def run_demo(
-    config: str, num_tasks: int = 48, k: int = 2, overrides: list[str] | None = None
+    config: str, num_tasks: int = 40, k: int = 2, overrides: list[str] | None = None
 ) -> dict:
     from rich.console import Console
     from rich.table import Table

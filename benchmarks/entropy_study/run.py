@@ -8,8 +8,9 @@ Methods (``configs/<method>.yaml``; only ``objective`` and ``precision`` differ)
 
 Budget (the configs' defaults, sized for about 75 minutes on 2 CPU cores as measured here:
 ~50 s per step of 3 tasks x K=4 x 96 tokens with two mini-batch updates, ~1 s per evaluation
-sample): 8 steps per method at lr 5e-5 on levels 1-2 (as the quick start); held-out pass@1 /
-pass@4 on 24 test tasks (3 of each family and level) x K=4 after steps 4 and 8, and once for the untrained model
+sample): 8 steps per method at lr 3e-5 on arithmetic tasks of levels 1-2 (as the quick start:
+the only family where the 135M model's pass rate gives a learning signal); held-out pass@1 /
+pass@4 on 24 test tasks (12 per level) x K=4 after steps 4 and 8, and once for the untrained model
 (``baseline.json``, the step-0 point of every method). rloo_bf16 runs last: bf16 matmuls are
 slow on this CPU (see benchmarks/results/fp32_path_cost.md), so it costs more wall time than
 the others. Longer runs: ``--steps 24 --eval-every 8``.
@@ -429,8 +430,8 @@ def parse(argv: list[str] | None):
     parser.add_argument(
         "--eval-tasks-per-group",
         type=int,
-        default=3,
-        help="held-out tasks per (family, level) (default 3: 24 tasks over levels 1-2)",
+        default=12,
+        help="held-out tasks per (family, level) (default 12: 24 arithmetic tasks, levels 1-2)",
     )
     parser.add_argument("--runs-root", default=str(STUDY / "runs"))
     parser.add_argument(
