@@ -99,13 +99,13 @@ def test_analyze_writes_results_and_figure(tmp_path):
     assert (tmp_path / "entropy_study.png").stat().st_size > 10_000
     grpo = next(line for line in text.splitlines() if line.startswith("| GRPO |"))
     assert (
-        "1.000 -> 0.433" in grpo
-        and "-57%" in grpo
+        "0.800 -> 0.433" in grpo
+        and "-46%" in grpo
         and "0.200 -> 0.300" in grpo
         and "| 10.0 |" in grpo
     )
-    assert "| GRPO lowers entropy | -57% | -57% | agrees |" in text
-    assert "| REPO-R keeps entropy near its start | +7% | -2% | agrees |" in text
+    assert "| GRPO lowers entropy | -57% | -46% | agrees |" in text
+    assert "| REPO-R keeps entropy near its start | +7% | -3% | agrees |" in text
     assert "REPO-R beats GRPO on held-out tasks" in text and "within noise" in text
     assert "plus 2 min for the" in text
 
