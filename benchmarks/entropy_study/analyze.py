@@ -163,6 +163,10 @@ def claims(by_method: dict[str, list[dict]]) -> list[tuple[str, str, str, str]]:
         runs = by_method.get(method)
         return _mean(r["entropy_end"] / r["entropy_start"] - 1 for r in runs) if runs else None
 
+    def unfinished(method: str) -> str:
+        runs = by_method.get(method) or []
+        return "" if all(r["done"] for r in runs) else " (so far: run unfinished)"
+
     for method, paper in PAPER_ENTROPY.items():
         ours = change(method)
         if ours is None:
@@ -176,7 +180,7 @@ def claims(by_method: dict[str, list[dict]]) -> list[tuple[str, str, str, str]]:
         verdict = (
             "agrees" if ok else ("flat (|change| <= 5%)" if abs(ours) <= 0.05 else "disagrees")
         )
-        out.append((claim, f"{paper:+d}%", f"{ours * 100:+.0f}%", verdict))
+        out.append((claim, f"{paper:+d}%", f"{ours * 100:+.0f}%", verdict + unfinished(method)))
     fp32, bf16 = change("rloo_fp32"), change("rloo_bf16")
     if fp32 is not None and bf16 is not None:
         ok = bf16 < fp32 - 0.05
@@ -208,7 +212,7 @@ def claims(by_method: dict[str, list[dict]]) -> list[tuple[str, str, str, str]]:
                     f"{LABELS[method]} beats GRPO on held-out tasks",
                     paper,
                     f"pass@1 {p:.3f} vs {p_base:.3f} (2 SE ~ {noise:.3f})",
-                    verdict,
+                    verdict + unfinished(method),
                 )
             )
     return out
