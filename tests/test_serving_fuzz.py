@@ -54,6 +54,9 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(service):
     config = schemathesis.Config.from_dict(
         {
             "headers": {"Authorization": f"Bearer {TOKEN}"},
+            # a fixed seed: the same inputs every run (an unseeded run once never reached a
+            # successful /step within the time limit on a busy machine)
+            "seed": 0,
             "generation": {"max-examples": 12, "database": "none"},
             "phases": {"stateful": {"max-steps": 8}},
             "checks": {
@@ -82,7 +85,7 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(service):
             },
             # after examples and coverage the engine alternates fuzzing and stateful rounds
             # until this limit
-            "max-time": 30,
+            "max-time": 60,
         }
     )
     schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json", config=config)
