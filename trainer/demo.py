@@ -17,9 +17,9 @@ HELD_OUT_SPLIT = "test"
 def held_out_tasks(task_ids: list[str], num_tasks: int) -> list[str]:
     """``num_tasks`` tasks taken in turn from each kind of the split (family and level: the id
     up to its last ``/``), not the split's first ones, which are all of one kind."""
-    kinds: dict[str, list[str]] = {}
-    for task in task_ids:
-        kinds.setdefault(task.rpartition("/")[0], []).append(task)
+    from trainer.evaluate import task_kinds
+
+    kinds = task_kinds(task_ids)
     chosen: list[str] = []
     for rank in range(max((len(members) for members in kinds.values()), default=0)):
         for members in kinds.values():

@@ -838,10 +838,15 @@ def stratified_tasks(task_ids: Sequence[str], per_group: int) -> list[str]:
     every family and level, where the split's own first N tasks would all be of one kind."""
     if per_group < 1:
         raise ValueError(f"per_group must be >= 1, got {per_group}")
-    groups: dict[str, list[str]] = {}
+    return [task for members in task_kinds(task_ids).values() for task in members[:per_group]]
+
+
+def task_kinds(task_ids: Sequence[str]) -> dict[str, list[str]]:
+    """Tasks by kind (the id up to its last ``/``), kinds and tasks in the split's order."""
+    kinds: dict[str, list[str]] = {}
     for task in task_ids:
-        groups.setdefault(task.rpartition("/")[0], []).append(task)
-    return [task for members in groups.values() for task in members[:per_group]]
+        kinds.setdefault(task.rpartition("/")[0], []).append(task)
+    return kinds
 
 
 def batch_episodes(backend: str, env_id: str, env_kwargs: dict) -> int:
