@@ -1,7 +1,8 @@
 """Helpers shared by the learner benchmarks (not a benchmark: `run_all.py` skips ``_*.py``).
 
 - :func:`machine`: CPU model (lscpu), cores, memory, load; the header of every result file.
-- :func:`fixed_batch`: the fixed batch of SmolLM2 sequences the learner benchmarks time.
+- :func:`fixed_batch`: the fixed batch of SmolLM2 sequences the learner benchmarks time;
+  :func:`fixed_train_batch`: the same as our learner's ``TrainBatch``.
 - :func:`time_steps`: warm-up then timed repetitions, with peak RSS sampled during the steps.
 - :func:`write_result`: ``benchmarks/results/<name>.md`` with machine, date and command.
 """
@@ -70,6 +71,34 @@ def fixed_batch(batch: int, prompt_len: int, completion_len: int, vocab: int, se
     sampler_logprobs = -torch.rand(batch, completion_len, generator=gen) * 3
     advantages = torch.linspace(-1, 1, batch)
     return prompt, completion, sampler_logprobs, advantages
+
+
+def fixed_train_batch(batch: int, prompt_len: int, completion_len: int, vocab: int, seed: int = 0):
+    """:func:`fixed_batch` as the learner's ``TrainBatch``: position t predicts token t + 1, so the
+    completion tokens are targets from position ``prompt_len - 1`` on; the sampler's log-probs
+    double as the old log-probs (``objective.old_logprobs: sampler``)."""
+    import torch
+
+    from trainer.learner import TrainBatch
+
+    prompt, completion, sampler, advantages = fixed_batch(
+        batch, prompt_len, completion_len, vocab, seed
+    )
+    sequence = torch.cat([prompt, completion], dim=1)
+    width = sequence.shape[1] - 1
+    loss_mask = torch.zeros(batch, width)
+    loss_mask[:, prompt_len - 1 :] = 1.0
+    logprobs = torch.zeros(batch, width)
+    logprobs[:, prompt_len - 1 :] = sampler
+    return TrainBatch(
+        input_ids=sequence[:, :-1],
+        attention_mask=torch.ones(batch, width, dtype=torch.long),
+        target_ids=sequence[:, 1:],
+        loss_mask=loss_mask,
+        sampler_logprobs=logprobs,
+        advantages=advantages,
+        old_logprobs=logprobs,
+    )
 
 
 class RssSampler:

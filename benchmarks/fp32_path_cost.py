@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _bench_util import fixed_batch, machine, now, write_result  # noqa: E402
+from _bench_util import fixed_train_batch, machine, now, write_result  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from agent.models import load_model
     from trainer.config import load_config
-    from trainer.learner import TorchLearner, TrainBatch
+    from trainer.learner import TorchLearner
     from trainer.precision import token_logprobs_and_entropy
 
     started, machine_line = now(), machine()
@@ -64,24 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     lm = load_model(MODEL)
     learner = TorchLearner(lm, cfg, torch.device("cpu"), total_updates=100)
-    prompt, completion, sampler, advantages = fixed_batch(
-        args.batch, args.prompt, args.completion, lm.config.vocab_size
-    )
-    sequence = torch.cat([prompt, completion], dim=1)
-    width = sequence.shape[1] - 1
-    loss_mask = torch.zeros(args.batch, width)
-    loss_mask[:, args.prompt - 1 :] = 1.0
-    logprobs = torch.zeros(args.batch, width)
-    logprobs[:, args.prompt - 1 :] = sampler
-    batch = TrainBatch(
-        input_ids=sequence[:, :-1],
-        attention_mask=torch.ones(args.batch, width, dtype=torch.long),
-        target_ids=sequence[:, 1:],
-        loss_mask=loss_mask,
-        sampler_logprobs=logprobs,
-        advantages=advantages,
-        old_logprobs=logprobs,
-    )
+    batch = fixed_train_batch(args.batch, args.prompt, args.completion, lm.config.vocab_size)
+    width = batch.input_ids.shape[1]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
     def full_step(dtype) -> float:

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _bench_util import RssSampler, fixed_batch, machine, now, write_result  # noqa: E402
+from _bench_util import RssSampler, fixed_batch, fixed_train_batch, machine, now, write_result  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 EPS_LOW, EPS_HIGH, LR = 0.2, 0.28, 3e-5
@@ -51,7 +51,7 @@ def ours(args):
 
     from agent.models import load_model
     from trainer.config import load_config
-    from trainer.learner import TorchLearner, TrainBatch
+    from trainer.learner import TorchLearner
 
     torch.set_num_threads(args.threads)
     cfg = load_config(
@@ -69,25 +69,7 @@ def ours(args):
     )
     lm = load_model(MODEL)
     learner = TorchLearner(lm, cfg, torch.device("cpu"), total_updates=100)
-    prompt, completion, sampler, advantages = fixed_batch(
-        args.batch, args.prompt, args.completion, lm.config.vocab_size
-    )
-    sequence = torch.cat([prompt, completion], dim=1)
-    width = sequence.shape[1] - 1
-    # position t predicts token t + 1: completion tokens are targets from position P - 1 on
-    loss_mask = torch.zeros(args.batch, width)
-    loss_mask[:, args.prompt - 1 :] = 1.0
-    logprobs = torch.zeros(args.batch, width)
-    logprobs[:, args.prompt - 1 :] = sampler
-    batch = TrainBatch(
-        input_ids=sequence[:, :-1],
-        attention_mask=torch.ones(args.batch, width, dtype=torch.long),
-        target_ids=sequence[:, 1:],
-        loss_mask=loss_mask,
-        sampler_logprobs=logprobs,
-        advantages=advantages,
-        old_logprobs=logprobs,
-    )
+    batch = fixed_train_batch(args.batch, args.prompt, args.completion, lm.config.vocab_size)
     return lambda: learner.update(batch, 0.0, EPS_HIGH)
 
 

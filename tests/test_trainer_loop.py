@@ -323,6 +323,52 @@ def test_single_update_reads_old_logprobs_off_its_own_forward(tiny_model_dir, tm
         assert torch.allclose(weights_a[name], weights_b[name], atol=1e-6), name
 
 
+def test_target_entropy_is_measured_before_step_one_without_moving_the_cursor(
+    tiny_model_dir, tmp_path
+):
+    """``objective.target_entropy_tasks``: the controllers' target is the untrained policy's
+    mean sampled-token NLL over that many train tasks (an entropy estimate: for the tiny model
+    within a few percent of the learner's full-distribution entropy on the same tokens); the
+    training cursor does not move, a resumed run does not measure again."""
+    from trainer.learner import collate
+
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        tmp_path,
+        **{
+            "steps": 1,
+            "eval.at_start": False,
+            "objective.target_entropy_tasks": 3,
+            "objective.repo.smoothing": 0.5,
+        },
+    )
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    cursor = trainer.cursor.state_dict()
+    target = trainer.measure_target_entropy()
+    assert trainer.cursor.state_dict() == cursor
+    assert trainer.zeta.target == target
+    episodes = trainer._rollout(trainer.train_tasks[:3], seed=5)
+    _, entropy = trainer.learner.logprobs(
+        collate(episodes, torch.zeros(len(episodes)), trainer.tokenizer.pad_token_id)
+    )
+    mask = collate(episodes, torch.zeros(len(episodes)), 0).loss_mask
+    learner_entropy = float((entropy * mask).sum() / mask.sum())
+    assert target == pytest.approx(learner_entropy, rel=0.05)
+    trainer.cleanup()
+
+    trainer = Trainer(cfg, tmp_path / "run2")
+    trainer.setup()
+    trainer.train()
+    trainer.cleanup()
+    (row,) = rows(tmp_path / "run2")
+    assert row["entropy/target"] == pytest.approx(target)  # same seed: the same measurement
+    assert row["entropy/controlled"] == pytest.approx(row["entropy/mean"])  # first step: raw
+    assert row["entropy/initial"] == pytest.approx(row["entropy/mean"])
+    assert row["entropy/target"] != row["entropy/initial"]
+
+
 def test_demo_trains_then_compares_on_stratified_held_out_tasks(
     tiny_model_dir, tmp_path, capsys, monkeypatch
 ):
@@ -346,6 +392,10 @@ def test_demo_trains_then_compares_on_stratified_held_out_tasks(
         assert saved[side]["tasks"] == 2 and 0 <= saved[side]["pass@1"] <= 1
         assert saved[side]["entropy/sampled"] > 0
     assert math.isfinite(saved["held_out_entropy_change"])
+    # the quick start measures its controller's target: the train entropy's start is that target
+    (row,) = rows(run_dir)
+    assert saved["entropy_start_from"] == "untrained policy (target)"
+    assert saved["entropy_start"] == row["entropy/target"] != row["entropy/mean"]
     assert not any("eval/" in key for row in rows(run_dir) for key in row)  # no dev pass at the end
     printed = capsys.readouterr().out
     assert "entropy of sampled tokens (held-out)" in printed and "untrained" in printed

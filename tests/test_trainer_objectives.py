@@ -384,6 +384,27 @@ def test_zeta_controller_explicit_target_and_bad_entropy():
         controller.step(float("nan"))
 
 
+def test_smoothed_controller_acts_on_the_trend_not_on_one_noisy_batch():
+    """Batch entropies alternating +-30 % around a level 10 % below the target: the raw rule
+    halves and doubles zeta on alternate batches; the moving average (smoothing 0.8) sits below
+    the dead band, so zeta only grows, as the trend says."""
+    readings = [1.0] + [0.9 * (1.3 if i % 2 else 0.7) for i in range(8)]
+    raw = ZetaController(RepoConfig(zeta_init=0.1, zeta_max=8.0, target_entropy=1.0))
+    smooth = ZetaController(
+        RepoConfig(zeta_init=0.1, zeta_max=8.0, target_entropy=1.0, smoothing=0.8)
+    )
+    raw_path = [raw.step(h) for h in readings]
+    smooth_path = [smooth.step(h) for h in readings]
+    assert max(raw_path) <= 0.2  # chatter: up, down, up, down
+    assert smooth_path == sorted(smooth_path) and smooth_path[-1] >= 1.6  # monotone rise
+    expected = 1.0
+    for h in readings[1:]:
+        expected = 0.8 * expected + 0.2 * h
+    assert smooth.controlled == pytest.approx(expected)
+    with pytest.raises(ValueError, match="smoothing"):
+        RepoConfig(smoothing=1.0)
+
+
 def test_eps_high_controller_direction_dead_band_and_bounds():
     cfg = AdapoConfig(enabled=True, factor=1.1, dead_band=0.05, eps_high_max=0.5)
     controller = EpsHighController(cfg, eps_low=0.2, eps_high_init=0.28)

@@ -101,6 +101,9 @@ class RepoConfig(_Section):
     zeta_max: float = Field(1.0, ge=0)
     factor: float = Field(2.0, gt=1)
     dead_band: float = Field(0.05, ge=0, lt=1, description="relative band around the target")
+    smoothing: float = Field(
+        0.0, ge=0, lt=1, description="EMA weight of the past in the controlled entropy (0: raw)"
+    )
     target_entropy: float | None = Field(None, description="None -> entropy of the first batch")
 
     @model_validator(mode="after")
@@ -121,6 +124,7 @@ class AdapoConfig(_Section):
     eps_high_max: float = Field(0.5, gt=0)
     factor: float = Field(1.1, gt=1)
     dead_band: float = Field(0.05, ge=0, lt=1)
+    smoothing: float = Field(0.0, ge=0, lt=1)
     target_entropy: float | None = None
 
 
@@ -142,6 +146,10 @@ class ObjectiveConfig(_Section):
     old_logprobs: Literal["learner", "sampler"] = "learner"
     repo: RepoConfig = RepoConfig()
     adapo: AdapoConfig = AdapoConfig()
+    # REPO's / ADAPO's target entropy, when their target_entropy is unset: > 0 -> measured before
+    # step 1 on this many train tasks x rollout.group_size samples of the untrained policy (no
+    # update); 0 -> the first batch's entropy (a few groups: a noisy estimate)
+    target_entropy_tasks: int = Field(0, ge=0)
 
 
 class DeepSpeedConfig(_Section):

@@ -356,6 +356,8 @@ class Trainer:
     def train(self) -> dict[str, float]:
         cfg = self.cfg
         last: dict[str, float] = {}
+        if self.step == 0 and cfg.objective.target_entropy_tasks and self._needs_target():
+            self.measure_target_entropy()
         progress = _TrainProgress(cfg.logging.progress and self.is_main, cfg.steps, self.step)
         with progress:
             if self.step == 0 and cfg.eval.at_start:
@@ -379,6 +381,46 @@ class Trainer:
                         f"try a lower trainer.lr (now {cfg.trainer.lr})"
                     )
         return last
+
+    def _controllers(self) -> list:
+        out = [self.zeta] if self.cfg.objective.repo.variant != "none" else []
+        return out + ([self.eps] if self.eps is not None else [])
+
+    def _needs_target(self) -> bool:
+        return any(c.target is None for c in self._controllers())
+
+    def measure_target_entropy(self) -> float:
+        """Set the entropy controllers' unset targets to the untrained policy's entropy on
+        ``objective.target_entropy_tasks`` train tasks x ``rollout.group_size`` samples (no
+        update; the training cursor does not move). The estimate is the mean negative log-prob
+        of the sampled tokens, whose expectation is the per-token entropy the learner reports
+        as ``entropy/mean``; from ~10x the samples of one batch, so the controllers do not
+        regulate toward one batch's noise."""
+        n = min(self.cfg.objective.target_entropy_tasks, len(self.train_tasks))
+        tasks = random.Random(self.cfg.seed * 7919 + 17).sample(self.train_tasks, n)
+        episodes = self._rollout(tasks[self.rank :: self.world], seed=self.cfg.seed + 271_828)
+        nll = [
+            -logprob
+            for ep in episodes
+            if ep.error is None
+            for logprob, sampled in zip(ep.sampler_logprobs, ep.loss_mask, strict=True)
+            if sampled
+        ]
+        sums = _reduce_metrics({"nll": float(sum(nll)), "tokens": float(len(nll))})
+        if sums["tokens"] == 0:
+            raise RuntimeError(
+                f"measuring the target entropy: no sampled tokens in {len(episodes)} episodes"
+            )
+        target = sums["nll"] / sums["tokens"]
+        for controller in self._controllers():
+            if controller.target is None:
+                controller.target = target
+        if self.is_main:
+            print(
+                f"eprl: target entropy {target:.3f} (untrained policy, {n} train tasks x "
+                f"{self.cfg.rollout.group_size} samples, {int(sums['tokens'] * self.world)} tokens)"
+            )
+        return target
 
     def train_step(self) -> dict[str, float]:
         from trainer.advantages import compute_advantages, loop_keep_mask
@@ -441,6 +483,9 @@ class Trainer:
             self.initial_entropy if self.initial_entropy is not None else float("nan")
         )
         metrics["entropy/target"] = _target(self)
+        controlled = [c.controlled for c in self._controllers() if c.controlled is not None]
+        if controlled:
+            metrics["entropy/controlled"] = float(controlled[0])
         if cfg.policy.backend != "hf":
             self.policy.update_weights(self.learner.named_weights())
         return metrics

@@ -284,10 +284,17 @@ def _masked_metrics(
 class _EntropyRegulator:
     """A coefficient regulated toward a target entropy with multiplicative steps.
 
-    After each optimizer step, with ``H`` the step's mean entropy and ``band`` the relative dead
+    After each optimizer step, with ``H`` the controlled entropy and ``band`` the relative dead
     band: ``H < (1 - band) * target`` -> ``value *= factor``; ``H > (1 + band) * target`` ->
     ``value /= factor``; otherwise unchanged; then clipped to ``[lower, upper]``. A target of
-    None is set to the first ``H`` seen (the first batch's entropy, ``entropy/initial``).
+    None is set to the first step's entropy (the first batch's, ``entropy/initial``).
+
+    ``H`` is the step's mean entropy, or with ``smoothing = s > 0`` its exponential moving
+    average ``H <- s * H + (1 - s) * H_step`` (started at the first step's value). A batch of a
+    few groups measures entropy with a spread of tens of percent from step to step (which tasks
+    it drew, how many responses ran to the cap); the raw rule then halves and doubles the
+    coefficient on that noise instead of on the trend (measured: the quick start's zeta stayed
+    at <= 0.1 for 12 steps while held-out entropy fell 40 %).
     """
 
     _value_key = "value"
@@ -300,15 +307,20 @@ class _EntropyRegulator:
         factor: float,
         dead_band: float,
         target: float | None,
+        smoothing: float = 0.0,
     ) -> None:
         if not lower <= value <= upper:
             raise ValueError(f"need {lower} <= initial {self._value_key} <= {upper}, got {value}")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
         self.value = value
         self.lower = lower
         self.upper = upper
         self.factor = factor
         self.dead_band = dead_band
         self.target = target
+        self.smoothing = smoothing
+        self.controlled: float | None = None  # the (smoothed) entropy the last step acted on
 
     def step(self, entropy: float) -> float:
         """Update from this step's mean entropy and return the new value."""
@@ -317,16 +329,24 @@ class _EntropyRegulator:
             raise ValueError(
                 f"entropy must be finite to step the {self._value_key} controller, got {entropy}"
             )
+        if self.controlled is None:
+            self.controlled = entropy
+        else:
+            self.controlled = self.smoothing * self.controlled + (1.0 - self.smoothing) * entropy
         if self.target is None:
             self.target = entropy
-        if entropy < (1.0 - self.dead_band) * self.target:
+        if self.controlled < (1.0 - self.dead_band) * self.target:
             self.value = min(self.value * self.factor, self.upper)
-        elif entropy > (1.0 + self.dead_band) * self.target:
+        elif self.controlled > (1.0 + self.dead_band) * self.target:
             self.value = max(self.value / self.factor, self.lower)
         return self.value
 
     def state_dict(self) -> dict[str, Any]:
-        return {self._value_key: self.value, "target_entropy": self.target}
+        return {
+            self._value_key: self.value,
+            "target_entropy": self.target,
+            "controlled_entropy": self.controlled,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {self._value_key, "target_entropy"} - set(state)
@@ -337,6 +357,8 @@ class _EntropyRegulator:
         self.value = float(state[self._value_key])
         target = state["target_entropy"]
         self.target = None if target is None else float(target)
+        controlled = state.get("controlled_entropy")  # absent in checkpoints before smoothing
+        self.controlled = None if controlled is None else float(controlled)
 
 
 class ZetaController(_EntropyRegulator):
@@ -352,7 +374,13 @@ class ZetaController(_EntropyRegulator):
 
     def __init__(self, cfg: RepoConfig) -> None:
         super().__init__(
-            cfg.zeta_init, cfg.zeta_min, cfg.zeta_max, cfg.factor, cfg.dead_band, cfg.target_entropy
+            cfg.zeta_init,
+            cfg.zeta_min,
+            cfg.zeta_max,
+            cfg.factor,
+            cfg.dead_band,
+            cfg.target_entropy,
+            cfg.smoothing,
         )
 
     @property
@@ -375,7 +403,13 @@ class EpsHighController(_EntropyRegulator):
     def __init__(self, cfg: AdapoConfig, eps_low: float, eps_high_init: float) -> None:
         lower = eps_low if cfg.eps_high_min is None else cfg.eps_high_min
         super().__init__(
-            eps_high_init, lower, cfg.eps_high_max, cfg.factor, cfg.dead_band, cfg.target_entropy
+            eps_high_init,
+            lower,
+            cfg.eps_high_max,
+            cfg.factor,
+            cfg.dead_band,
+            cfg.target_entropy,
+            cfg.smoothing,
         )
 
     @property
