@@ -367,6 +367,17 @@ def test_target_entropy_is_measured_before_step_one_without_moving_the_cursor(
     assert row["entropy/controlled"] == pytest.approx(row["entropy/mean"])  # first step: raw
     assert row["entropy/initial"] == pytest.approx(row["entropy/mean"])
     assert row["entropy/target"] != row["entropy/initial"]
+    # the measurement leaves the RNGs as it found them: step 1 samples what it samples without it
+    plain = load_config(
+        REPO / "configs" / "quickstart.yaml", [*overrides, "objective.target_entropy_tasks=0"]
+    )
+    trainer = Trainer(plain, tmp_path / "run3")
+    trainer.setup()
+    trainer.train()
+    trainer.cleanup()
+    (unmeasured,) = rows(tmp_path / "run3")
+    for key in ("entropy/mean", "reward/mean", "response/tokens_mean", "loss"):
+        assert unmeasured[key] == row[key], key
 
 
 def test_demo_trains_then_compares_on_stratified_held_out_tasks(

@@ -398,7 +398,13 @@ class Trainer:
         regulate toward one batch's noise."""
         n = min(self.cfg.objective.target_entropy_tasks, len(self.train_tasks))
         tasks = random.Random(self.cfg.seed * 7919 + 17).sample(self.train_tasks, n)
-        episodes = self._rollout(tasks[self.rank :: self.world], seed=self.cfg.seed + 271_828)
+        # sampling draws from the global RNGs: restore them, so that training samples exactly
+        # what a run without the measurement samples (the study compares methods on one seed)
+        rng = _rng_state()
+        try:
+            episodes = self._rollout(tasks[self.rank :: self.world], seed=self.cfg.seed + 271_828)
+        finally:
+            _set_rng_state(rng)
         nll = [
             -logprob
             for ep in episodes
@@ -594,12 +600,7 @@ class Trainer:
             "initial_entropy": self.initial_entropy,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "nonfinite_total": self.nonfinite_total,
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rng": _rng_state(),
         }
 
     def _restore(self, checkpoint: Path) -> None:
@@ -612,11 +613,7 @@ class Trainer:
         self.initial_entropy = state["initial_entropy"]
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self.nonfinite_total = state["nonfinite_total"]
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        _set_rng_state(state["rng"])
         if (checkpoint / "learner.pt").exists() or (checkpoint / "deepspeed").exists():
             self.learner.load_state(checkpoint)
 
@@ -647,6 +644,23 @@ def _target(trainer: Trainer) -> float:
 def _mean(values) -> float:
     values = list(values)
     return float(sum(values) / len(values)) if values else 0.0
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _seed_everything(seed: int) -> None:
