@@ -5,9 +5,9 @@ held-out pass@1 / pass@k against steps, all methods on one figure).
     python benchmarks/entropy_study/analyze.py [--runs-root RUNS] [--out-dir DIR]
 
 Definitions: entropy = ``entropy/mean`` of the training batches (mean full-distribution entropy
-of the sampled tokens' next-token distributions, nats); start = step 1, end = the mean of the last
-3 steps; change = end / start - 1. Train reward = ``reward/mean`` averaged over the first and the
-last 5 steps. Held-out = ``eval/test/pass@1`` and ``pass@k`` (unbiased) on the stratified test
+of the sampled tokens' next-token distributions, nats); start = the mean of the first 3 steps,
+end = the mean of the last 3 steps; change = end / start - 1. Train reward = ``reward/mean``
+averaged over the first and the last 3 steps. Held-out = ``eval/test/pass@1`` and ``pass@k`` (unbiased) on the stratified test
 tasks; step 0 is the untrained model (``baseline.json``). Wall time = the sum of the run's
 attempts (a resumed run adds its pieces). With several seeds, means are shown with the range.
 """
@@ -236,8 +236,12 @@ def plot(by_method: dict[str, list[dict]], path: Path) -> None:
             axes[1].plot(steps, [e[1] for e in run["evals"]], marker="o", **style)
             axes[2].plot(steps, [e[2] for e in run["evals"]], marker="o", **style)
             k = run["k"]
+    # log scale: a diverging run (REPO-D at 6+ nats) would flatten the others' 0.5-1.2 nats
     axes[0].set(
-        title="entropy of the sampled tokens (training batches)", xlabel="step", ylabel="nats"
+        title="entropy of the sampled tokens (training batches)",
+        xlabel="step",
+        ylabel="nats (log scale)",
+        yscale="log",
     )
     axes[1].set(title="held-out pass@1 (test split)", xlabel="step", ylabel="pass@1")
     axes[2].set(title=f"held-out pass@{k} (test split)", xlabel="step", ylabel=f"pass@{k}")
