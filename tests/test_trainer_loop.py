@@ -395,7 +395,12 @@ def test_demo_trains_then_compares_on_stratified_held_out_tasks(
         str(REPO / "configs" / "quickstart.yaml"),
         num_tasks=2,
         k=2,
-        overrides=tiny_overrides(tiny_model_dir, tmp_path, steps=1, **{"eval.at_start": False}),
+        overrides=tiny_overrides(
+            tiny_model_dir,
+            tmp_path,
+            steps=1,
+            **{"eval.at_start": False, "objective.target_entropy_tasks": 2},
+        ),
     )
     run_dir = Path(summary["run_dir"])
     saved = json.loads((run_dir / "demo_summary.json").read_text())
@@ -403,7 +408,7 @@ def test_demo_trains_then_compares_on_stratified_held_out_tasks(
         assert saved[side]["tasks"] == 2 and 0 <= saved[side]["pass@1"] <= 1
         assert saved[side]["entropy/sampled"] > 0
     assert math.isfinite(saved["held_out_entropy_change"])
-    # the quick start measures its controller's target: the train entropy's start is that target
+    # with a measured controller target, the train entropy's start is that target
     (row,) = rows(run_dir)
     assert saved["entropy_start_from"] == "untrained policy (target)"
     assert saved["entropy_start"] == row["entropy/target"] != row["entropy/mean"]
