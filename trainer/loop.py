@@ -481,10 +481,8 @@ class Trainer:
             entropy = metrics["entropy/mean"]
             if self.initial_entropy is None:
                 self.initial_entropy = entropy
-            if cfg.objective.repo.variant != "none":
-                self.zeta.step(entropy)
-            if self.eps is not None:
-                self.eps.step(entropy)
+            for controller in self._controllers():
+                controller.step(entropy)
         metrics["entropy/initial"] = (
             self.initial_entropy if self.initial_entropy is not None else float("nan")
         )
@@ -634,11 +632,8 @@ class Trainer:
 
 
 def _target(trainer: Trainer) -> float:
-    if trainer.cfg.objective.repo.variant != "none" and trainer.zeta.target is not None:
-        return float(trainer.zeta.target)
-    if trainer.eps is not None and trainer.eps.target is not None:
-        return float(trainer.eps.target)
-    return float("nan")
+    targets = [c.target for c in trainer._controllers() if c.target is not None]
+    return float(targets[0]) if targets else float("nan")
 
 
 def _mean(values) -> float:

@@ -178,13 +178,10 @@ class FusedLinearLogprobEntropy(torch.autograd.Function):
 
 
 def bf16_matmul(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``a @ b (+ bias)`` with bf16 operands as a bf16 GEMM computes it: the (exact) float32
-    products of the bf16 values summed in float32, plus the bias, rounded once to bf16. On CUDA
-    that is cuBLAS's own bf16 GEMM; on CPU it runs as a float32 GEMM on the upcast operands and
-    one rounding, the same numbers up to summation order without torch's slow CPU bf16 kernels.
+    """``a @ b (+ bias)`` with bf16 operands as a bf16 GEMM computes it, on CPU: the (exact)
+    float32 products of the bf16 values summed in float32, plus the bias, rounded once to bf16;
+    the same numbers as torch's CPU bf16 matmul up to summation order, without its slow kernels.
     """
-    if a.device.type != "cpu":
-        return a @ b if bias is None else torch.addmm(bias, a, b)
     a32, b32 = a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float()
     if bias is not None:
         return torch.addmm(bias.to(torch.bfloat16).float(), a32, b32).to(torch.bfloat16)
@@ -192,7 +189,9 @@ def bf16_matmul(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def _matmul(a: Tensor, b: Tensor, compute_dtype: torch.dtype, bias: Tensor | None = None) -> Tensor:
-    if compute_dtype == torch.bfloat16:
+    """The loss path's products: bf16 ones on CPU through :func:`bf16_matmul`, the rest (and
+    every product on CUDA, cuBLAS's bf16 GEMM included) natively."""
+    if compute_dtype == torch.bfloat16 and a.device.type == "cpu":
         return bf16_matmul(a, b, bias)
     return a @ b if bias is None else torch.addmm(bias, a, b)
 
