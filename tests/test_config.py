@@ -73,3 +73,7 @@ def test_cross_field_checks():
         load_config(None, ["env.train_split=dev", "eval.split=dev"])
     with pytest.raises(ConfigError, match="zeta_min <= zeta_init <= zeta_max"):
         load_config(None, ["objective.repo.zeta_init=5.0"])
+    kl_zero3 = ["objective.kl_coef=0.05", "trainer.learner=deepspeed"]
+    with pytest.raises(ConfigError, match=r"objective.kl_coef=0.05 .*deepspeed.zero_stage 1 or 2"):
+        load_config(None, [*kl_zero3, "trainer.deepspeed.zero_stage=3"])
+    assert load_config(None, [*kl_zero3, "trainer.deepspeed.zero_stage=2"]).objective.kl_coef > 0

@@ -55,6 +55,13 @@ def tiny_overrides(model_dir, runs_root, **extra):
         "logging.run_name": "run",
         "logging.progress": False,
         "trainer.micro_batch_size": 2,
+        # the untrained tiny model earns no reward on CodeExec: without this its batches have no
+        # signal and make no update, and these tests are about what an update does
+        "trainer.skip_no_signal": False,
+        # it rarely stops within max_new_tokens either: the overlong filter would drop every
+        # episode; and a measured target costs a rollout these tests do not need
+        "objective.overlong_filter": False,
+        "objective.target_entropy_tasks": 0,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -65,13 +72,34 @@ def rows(run_dir):
 
 
 def test_few_step_run_writes_every_artifact(tiny_model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cfg = load_config(
         REPO / "configs" / "quickstart.yaml", tiny_overrides(tiny_model_dir, tmp_path)
     )
-    run_dir = tmp_path / "run"
-    run_training(cfg, run_dir)
+    run_training(cfg, tmp_path / "run")
+    check_artifacts(cfg, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_few_step_smollm2_run_writes_every_artifact(tmp_path):
+    """The quick start's config with its own model (SmolLM2-135M-Instruct), shrunk to 2 steps of
+    2 tasks x 2 episodes of 48 tokens, its controller target measured on 2 tasks. The overlong
+    filter is off and every step updates (trainer.skip_no_signal=false): at 48 tokens most
+    answers are cut, and the test needs the learner's metrics of step 1."""
+    overrides = tiny_overrides("smollm2-135m-instruct", tmp_path, **{"rollout.max_new_tokens": 48})
+    overrides = [o for o in overrides if not o.startswith("objective.")]
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        [*overrides, "objective.target_entropy_tasks=2", "objective.overlong_filter=false"],
+    )
+    run_training(cfg, tmp_path / "run")
+    check_artifacts(cfg, tmp_path / "run")
+    steps = rows(tmp_path / "run")[1:]
+    assert 0.1 < steps[0]["entropy/target"] < 3.0  # a measured target, in nats
+    assert steps[1]["entropy/target"] == steps[0]["entropy/target"]
+
+
+def check_artifacts(cfg, run_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert load_config(run_dir / "config.yaml") == cfg
     metrics = rows(run_dir)
@@ -91,7 +119,7 @@ def test_few_step_run_writes_every_artifact(tiny_model_dir, tmp_path):
     assert (checkpoint / "trainer_state.pt").exists() and (checkpoint / "learner.pt").exists()
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2 and state["zeta"]["target_entropy"] == pytest.approx(
-        metrics[1]["entropy/initial"]
+        metrics[1]["entropy/target"]
     )
     assert model.config.vocab_size > 0
 
@@ -170,6 +198,191 @@ def test_mean_reward_rises_on_a_trivially_learnable_task(tiny_model_dir, tmp_pat
     run_training(cfg, tmp_path / "run")
     rewards = [r["reward/mean"] for r in rows(tmp_path / "run") if r["step"] > 0]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
+
+
+class SwitchRewardEnv(DigitRewardEnv):
+    """DigitRewardEnv whose reward can be switched to a constant (``SwitchRewardEnv.constant``):
+    then every group's rewards are equal, every RLOO advantage is 0, and a batch has no
+    signal."""
+
+    constant: float | None = None
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        if SwitchRewardEnv.constant is not None:
+            reward = SwitchRewardEnv.constant
+        return obs, reward, terminated, truncated, info
+
+
+def _weights(trainer):
+    return {n: t.clone() for n, t in trainer.learner.named_weights()}
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_batch_without_signal_makes_no_update(tiny_model_dir, tmp_path, skip):
+    """After a step with signal, a batch whose advantages are all 0 leaves the weights, the
+    optimizer and zeta as they were (train/no_signal 1); without trainer.skip_no_signal AdamW
+    moves the weights on that zero gradient along its momentum."""
+    gymnasium.register(
+        "eprl-test/SwitchReward-v0", entry_point=SwitchRewardEnv, disable_env_checker=True
+    )
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        tmp_path,
+        **{
+            "env.id": "eprl-test/SwitchReward-v0",
+            "env.kwargs": "{}",
+            "trainer.lr": 1e-3,
+            "trainer.mini_batches": 1,
+            "trainer.skip_no_signal": skip,
+            "eval.at_start": False,
+        },
+    )
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    try:
+        SwitchRewardEnv.constant = None
+        trainer.step = 1
+        first = trainer.train_step()
+        assert first["train/no_signal"] == 0.0 and "entropy/mean" in first
+        before, zeta = _weights(trainer), trainer.zeta.zeta
+        SwitchRewardEnv.constant = 0.5
+        trainer.step = 2
+        second = trainer.train_step()
+        after = _weights(trainer)
+    finally:
+        SwitchRewardEnv.constant = None
+        trainer.cleanup()
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    if skip:
+        assert second["train/no_signal"] == 1.0 and "entropy/mean" not in second
+        assert changed == [] and trainer.zeta.zeta == zeta
+        assert trainer.learner.scheduler.last_epoch == 1  # one optimizer step in all
+    else:
+        assert second["train/no_signal"] == 0.0 and second["adv/std"] == 0.0
+        assert changed, "AdamW did not move the weights on a zero gradient"
+
+
+def test_overlong_filter_leaves_truncated_episodes_out_of_the_loss(tiny_model_dir, tmp_path):
+    """objective.overlong_filter: episodes cut at max_new_tokens keep their reward in the RLOO
+    baseline but are not trained on; a batch cut entirely makes no update."""
+    from trainer.loop import cut_at_cap
+
+    gymnasium.register(
+        "eprl-test/DigitReward-v0", entry_point=DigitRewardEnv, disable_env_checker=True
+    )
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        tmp_path,
+        **{
+            "env.id": "eprl-test/DigitReward-v0",
+            "env.kwargs": "{}",
+            "rollout.max_new_tokens": 4,  # the tiny model does not stop within 4 tokens
+            "objective.overlong_filter": True,
+            "trainer.skip_no_signal": True,
+            "eval.at_start": False,
+        },
+    )
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    try:
+        episodes = trainer._rollout(trainer.train_tasks[:2], seed=3)
+        assert all(cut_at_cap(ep) for ep in episodes)
+        assert len({ep.reward for ep in episodes}) > 1  # there would be a signal
+        before = _weights(trainer)
+        trainer.step = 1
+        metrics = trainer.train_step()
+        assert metrics["episodes/overlong"] == 4 and metrics["episodes/kept"] == 0
+        assert metrics["train/no_signal"] == 1.0
+        assert all(torch.equal(before[n], t) for n, t in _weights(trainer).items())
+        with pytest.raises(RuntimeError, match="no sampled tokens"):
+            trainer.cfg.objective.target_entropy_tasks = 2
+            trainer.zeta.target = None
+            trainer.measure_target_entropy()  # truncated episodes are left out here too
+    finally:
+        trainer.cleanup()
+    stopped = type(episodes[0])(task_id="t", group_id=0, seed=0, finish_reasons=["length", "stop"])
+    assert not cut_at_cap(stopped) and not cut_at_cap(
+        type(stopped)(task_id="t", group_id=0, seed=0)
+    )
+
+
+def test_kl_penalty_is_zero_at_the_reference_and_grows_after_an_update(tiny_model_dir, tmp_path):
+    """objective.kl_coef: the learner holds the initial model as a frozen reference. Its first
+    update (policy = reference) equals the update without the penalty; a second update on the
+    same batch sees a positive KL and a loss larger than without it by kl_coef * KL."""
+    from agent.models import load_model
+    from trainer.learner import TorchLearner, collate
+
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        tiny_overrides(tiny_model_dir, tmp_path, **{"trainer.lr": 1e-2}),
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    episodes = trainer._runner(2).run(trainer.train_tasks[:2])
+    trainer.cleanup()
+    batch = collate(episodes, torch.tensor([1.0, -1.0, 0.5, -0.5]), trainer.tokenizer.pad_token_id)
+    kl_cfg = cfg.model_copy(deep=True)
+    kl_cfg.objective.kl_coef = 0.5
+    plain = TorchLearner(load_model(tiny_model_dir), cfg, torch.device("cpu"), 4)
+    with pytest.raises(ValueError, match="kl_coef=0.5 needs a reference model"):
+        TorchLearner(load_model(tiny_model_dir), kl_cfg, torch.device("cpu"), 4)
+    kl = TorchLearner(
+        load_model(tiny_model_dir), kl_cfg, torch.device("cpu"), 4, load_model(tiny_model_dir)
+    )
+    first_plain, first_kl = plain.update(batch, 0.0, 0.28), kl.update(batch, 0.0, 0.28)
+    assert first_kl["kl/ref"] == 0.0 and "kl/ref" not in first_plain
+    assert first_kl["loss"] == pytest.approx(first_plain["loss"], abs=1e-6)
+    for (name, a), (_, b) in zip(plain.named_weights(), kl.named_weights(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    second = kl.update(batch, 0.0, 0.28)
+    assert second["kl/ref"] > 1e-4
+    assert second["loss"] == pytest.approx(
+        plain.update(batch, 0.0, 0.28)["loss"] + 0.5 * second["kl/ref"], rel=1e-4
+    )
+    # the reference is frozen: two updates did not move it
+    initial = load_model(tiny_model_dir).state_dict()
+    for name, value in kl.reference.lm.state_dict().items():
+        assert torch.equal(value, initial[name]), name
+
+
+def test_resumed_run_keeps_the_initial_model_as_kl_reference(tiny_model_dir, tmp_path):
+    from agent.models import load_model
+
+    gymnasium.register(
+        "eprl-test/DigitReward-v0", entry_point=DigitRewardEnv, disable_env_checker=True
+    )
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        tmp_path,
+        **{
+            "env.id": "eprl-test/DigitReward-v0",  # a reward with signal: the update moves weights
+            "env.kwargs": "{}",
+            "steps": 1,
+            "eval.at_start": False,
+            "objective.kl_coef": 0.1,
+            "trainer.lr": 1e-2,
+            "trainer.mini_batches": 1,
+        },
+    )
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides)
+    run_training(cfg, tmp_path / "run")
+    (row,) = rows(tmp_path / "run")
+    assert row["kl/ref"] == 0.0  # one update per batch: measured before it, at the reference
+    resumed = Trainer(cfg.model_copy(update={"steps": 2}), tmp_path / "run", resume=True)
+    resumed.setup()
+    try:
+        assert resumed.step == 1
+        initial = load_model(tiny_model_dir).state_dict()
+        trained = resumed.learner.lm.state_dict()
+        assert any(not torch.equal(trained[n], initial[n]) for n in initial)
+        for name, value in resumed.learner.reference.lm.state_dict().items():
+            assert torch.equal(value, initial[name]), name
+    finally:
+        resumed.cleanup()
 
 
 def test_resume_after_sigkill_continues_from_the_last_checkpoint(tiny_model_dir, tmp_path):
@@ -297,9 +510,13 @@ def test_single_update_reads_old_logprobs_off_its_own_forward(tiny_model_dir, tm
     from agent.models import load_model
     from trainer.learner import TorchLearner, collate
 
+    overrides = {
+        "trainer.lr": 1e-3,
+        "trainer.mini_batches": 1,
+        "objective.old_logprobs": "learner",
+    }
     cfg = load_config(
-        REPO / "configs" / "quickstart.yaml",
-        tiny_overrides(tiny_model_dir, tmp_path, **{"trainer.lr": 1e-3}),
+        REPO / "configs" / "quickstart.yaml", tiny_overrides(tiny_model_dir, tmp_path, **overrides)
     )
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.setup()
@@ -407,6 +624,7 @@ def test_demo_trains_then_compares_on_stratified_held_out_tasks(
     for side in ("before", "after"):
         assert saved[side]["tasks"] == 2 and 0 <= saved[side]["pass@1"] <= 1
         assert saved[side]["entropy/sampled"] > 0
+        assert "entropy/sampled_stopped" in saved[side]
     assert math.isfinite(saved["held_out_entropy_change"])
     # with a measured controller target, the train entropy's start is that target
     (row,) = rows(run_dir)
@@ -415,3 +633,21 @@ def test_demo_trains_then_compares_on_stratified_held_out_tasks(
     assert not any("eval/" in key for row in rows(run_dir) for key in row)  # no dev pass at the end
     printed = capsys.readouterr().out
     assert "entropy of sampled tokens (held-out)" in printed and "untrained" in printed
+    assert "answers that stop (held-out)" in printed
+
+
+def test_sampled_entropy_over_all_answers_and_over_those_that_stop():
+    from agent.rollout import Episode
+    from trainer.demo import sampled_entropy
+
+    def episode(logprobs, reason):
+        ep = Episode(task_id="t", group_id=0, seed=0, finish_reasons=[reason])
+        ep.append([1, 2], sampled=False)  # the prompt: not counted
+        ep.append(list(range(len(logprobs))), sampled=True, logprobs=logprobs)
+        return ep
+
+    stopped = episode([-0.1, -0.3], "stop")
+    cut = episode([-2.0, -3.0, -4.0], "length")
+    assert sampled_entropy([stopped, cut]) == pytest.approx((0.1 + 0.3 + 2 + 3 + 4) / 5)
+    assert sampled_entropy([stopped, cut], stopped_only=True) == pytest.approx(0.2)
+    assert math.isnan(sampled_entropy([cut], stopped_only=True))

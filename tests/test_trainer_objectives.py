@@ -25,6 +25,7 @@ from trainer.objectives import (
     LossInputs,
     ZetaController,
     aggregate,
+    has_learning_signal,
     k3_kl,
     loop_clip_eps,
     policy_loss,
@@ -289,6 +290,31 @@ def test_policy_loss_reports_repo_zeta_and_shaped_advantages():
     assert metrics["repo/zeta"] == 0.1
     # shaped: 2 - 0.1*2*0.5 = 1.9 and 2 - 0.1*2*(-2) = 2.4
     assert metrics["adv/mean"] == pytest.approx((1.9 + 2.4) / 2)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ObjectiveConfig(),
+        ObjectiveConfig(repo=RepoConfig(variant="r")),
+        ObjectiveConfig(repo=RepoConfig(variant="r_sym")),
+        ObjectiveConfig(repo=RepoConfig(variant="d")),
+        ObjectiveConfig(entropy_coef=0.01),
+    ],
+    ids=["none", "r", "r_sym", "d", "entropy_bonus"],
+)
+def test_has_learning_signal_says_whether_the_loss_has_a_gradient(cfg):
+    """The predicate the loop uses to skip an update agrees with the loss's actual gradient for
+    all-zero advantages, and any nonzero advantage is a signal."""
+    logprobs = torch.tensor([[-0.5, -3.0, -1.0]])
+    entropy = torch.tensor([[1.0, 0.7, 0.2]], requires_grad=True)
+    inputs = _inputs(logprobs, [0.0], torch.ones(1, 3), entropy=entropy)
+    loss, _ = policy_loss(inputs, cfg, zeta=0.1, eps_high=0.28)
+    loss.backward()
+    grads = [t.grad for t in (inputs.logprobs, entropy) if t.grad is not None]  # None: unused
+    moves = any(bool(g.abs().sum() > 0) for g in grads)
+    assert has_learning_signal(torch.zeros(4), cfg) == moves
+    assert has_learning_signal(torch.tensor([0.0, 0.0, 0.5, -0.5]), cfg)
 
 
 # tabular softmax policy over 6 actions; rewards favour the likely actions, so plain PG lowers H

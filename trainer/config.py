@@ -132,6 +132,10 @@ class ObjectiveConfig(_Section):
     advantage: Literal["rloo", "grpo", "dr_grpo"] = "rloo"
     # LOOP drops episodes whose |advantage| is below this threshold (0 keeps all)
     adv_filter_threshold: float = Field(0.0, ge=0)
+    # DAPO's overlong filtering: an episode whose last turn was cut at rollout.max_new_tokens
+    # keeps its reward in its group's baseline but is left out of the loss (and out of the
+    # target-entropy measurement), so a truncated ramble is not pushed down token by token
+    overlong_filter: bool = False
     eps_low: float = Field(0.2, ge=0, lt=1)
     eps_high: float = Field(0.28, ge=0)
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = (
@@ -183,6 +187,10 @@ class TrainerConfig(_Section):
     mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch")
     micro_batch_size: int = Field(4, ge=1, description="episodes per forward/backward")
     max_nonfinite_in_a_row: int = Field(3, ge=1)
+    # a batch whose loss has no gradient (every advantage 0 and no term that acts without one,
+    # objectives.has_learning_signal) makes no update: AdamW would otherwise keep stepping along
+    # its momentum; logged as train/no_signal
+    skip_no_signal: bool = True
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     lora: LoraConfig = LoraConfig()
 
@@ -243,6 +251,16 @@ class RunConfig(_Section):
             raise ValueError(
                 f"env.train_split and eval.split are both {self.eval.split!r}: the evaluation "
                 "split must be held out from training"
+            )
+        if (
+            self.objective.kl_coef > 0
+            and self.trainer.learner == "deepspeed"
+            and self.trainer.deepspeed.zero_stage == 3
+        ):
+            raise ValueError(
+                f"objective.kl_coef={self.objective.kl_coef} keeps a full copy of the reference "
+                "model on every rank, which ZeRO-3 exists to avoid: use "
+                "trainer.deepspeed.zero_stage 1 or 2, or objective.kl_coef=0"
             )
         return self
 

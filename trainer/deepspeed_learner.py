@@ -79,7 +79,12 @@ class DeepSpeedLearner(TorchLearner):
     """Same interface as :class:`TorchLearner`; the engine owns optimizer, clipping, scaling."""
 
     def __init__(
-        self, lm: nn.Module, cfg: RunConfig, device: torch.device, total_updates: int
+        self,
+        lm: nn.Module,
+        cfg: RunConfig,
+        device: torch.device,
+        total_updates: int,
+        reference: nn.Module | None = None,
     ) -> None:
         import deepspeed
 
@@ -91,6 +96,10 @@ class DeepSpeedLearner(TorchLearner):
         self.module = LogprobModel(
             self.lm, loss_dtype(cfg), cfg.precision.chunk_size, None, cfg.policy.temperature
         )
+        # objective.kl_coef's frozen reference: a full copy per rank (ZeRO-1/2; the config
+        # refuses ZeRO-3), in the weights' dtype and outside the engine
+        bf16 = cfg.model.dtype == "bfloat16"
+        self.reference = self._reference(reference, torch.bfloat16 if bf16 else torch.float32, None)
         if cfg.trainer.deepspeed.zero_stage == 3:
             deepspeed.zero.register_external_parameter(
                 self.module, self.lm.get_output_embeddings().weight

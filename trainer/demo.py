@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from trainer.config import load_config
-from trainer.loop import new_run_dir
+from trainer.loop import cut_at_cap, new_run_dir
 
 HELD_OUT_SPLIT = "test"
 
@@ -52,17 +52,24 @@ def _evaluate(trainer, split: str, num_tasks: int, k: int) -> dict[str, float]:
         )
     finally:
         trainer.policy.temperature = cfg.policy.temperature
+    summary["entropy/sampled"] = sampled_entropy(episodes)
+    summary["entropy/sampled_stopped"] = sampled_entropy(episodes, stopped_only=True)
+    summary["stopped_frac"] = sum(not cut_at_cap(ep) for ep in episodes) / len(episodes)
+    return summary
+
+
+def sampled_entropy(episodes, stopped_only: bool = False) -> float:
+    """Mean ``-log pi(token)`` over the sampled tokens of ``episodes`` (an estimate of the
+    per-token entropy, in nats); with ``stopped_only`` over the answers that ended before the
+    token cap only, the tokens an overlong-filtered run trains on and regulates. NaN if none."""
     nll = [
         -logprob
         for ep in episodes
+        if not (stopped_only and cut_at_cap(ep))
         for logprob, sampled in zip(ep.sampler_logprobs, ep.loss_mask, strict=True)
         if sampled
     ]
-    summary["entropy/sampled"] = sum(nll) / len(nll) if nll else float("nan")
-    summary["stopped_frac"] = sum(ep.finish_reasons[-1] != "length" for ep in episodes) / len(
-        episodes
-    )
-    return summary
+    return sum(nll) / len(nll) if nll else float("nan")
 
 
 def run_demo(
@@ -125,6 +132,12 @@ def run_demo(
         "entropy_start_from": "untrained policy (target)" if measured else "step 1",
         # the same held-out prompts before and after: the entropy comparison without batch noise
         "held_out_entropy_change": after["entropy/sampled"] / before["entropy/sampled"] - 1.0,
+        # ... on the answers that stop before the cap: what an overlong-filtered run regulates
+        # (a truncated ramble samples at several times the entropy of a finished answer, so the
+        # all-answer figure moves with the share of rambles)
+        "held_out_entropy_change_stopped": after["entropy/sampled_stopped"]
+        / before["entropy/sampled_stopped"]
+        - 1.0,
         "minutes": (time.perf_counter() - started) / 60,
         "run_dir": str(run_dir),
         "held_out_split": HELD_OUT_SPLIT,
@@ -149,6 +162,11 @@ def run_demo(
         "entropy of sampled tokens (held-out)",
         f"{before['entropy/sampled']:.3f}",
         f"{after['entropy/sampled']:.3f} ({summary['held_out_entropy_change']:+.1%})",
+    )
+    table.add_row(
+        "entropy of sampled tokens, answers that stop (held-out)",
+        f"{before['entropy/sampled_stopped']:.3f}",
+        f"{after['entropy/sampled_stopped']:.3f} ({summary['held_out_entropy_change_stopped']:+.1%})",
     )
     table.add_row(
         "entropy of sampled tokens (train)",

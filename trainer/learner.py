@@ -161,7 +161,12 @@ class TorchLearner:
     """Single-process learner (CPU or one GPU) with gradient accumulation and clipping."""
 
     def __init__(
-        self, lm: nn.Module, cfg: RunConfig, device: torch.device, total_updates: int
+        self,
+        lm: nn.Module,
+        cfg: RunConfig,
+        device: torch.device,
+        total_updates: int,
+        reference: nn.Module | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = device
@@ -170,6 +175,7 @@ class TorchLearner:
         self.module = LogprobModel(
             self.lm, loss_dtype(cfg), cfg.precision.chunk_size, autocast, cfg.policy.temperature
         )
+        self.reference = self._reference(reference, torch.float32, autocast)
         # what computes (logprobs, entropy): the module here, the DeepSpeed engine in the subclass
         self.forward: nn.Module = self.module
         params = [p for p in self.lm.parameters() if p.requires_grad]
@@ -181,6 +187,26 @@ class TorchLearner:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda=lr_lambda(cfg, total_updates)
+        )
+
+    def _reference(
+        self, model: nn.Module | None, dtype: torch.dtype, autocast: torch.dtype | None
+    ) -> LogprobModel | None:
+        """The frozen reference policy of ``objective.kl_coef`` (the initial model), or None."""
+        if self.cfg.objective.kl_coef <= 0:
+            return None
+        if model is None:
+            raise ValueError(
+                f"objective.kl_coef={self.cfg.objective.kl_coef} needs a reference model; "
+                "pass reference= (the trainer loads model.name)"
+            )
+        model = model.to(device=self.device, dtype=dtype).requires_grad_(False).eval()
+        return LogprobModel(
+            model,
+            loss_dtype(self.cfg),
+            self.cfg.precision.chunk_size,
+            autocast,
+            self.cfg.policy.temperature,
         )
 
     def logprobs(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
@@ -238,8 +264,16 @@ class TorchLearner:
             advantages=micro.advantages,
             loss_mask=micro.loss_mask,
             max_tokens=self.cfg.rollout.max_new_tokens * self.cfg.rollout.max_turns,
+            ref_logprobs=self._reference_logprobs(micro),
         )
         return policy_loss(inputs, self.cfg.objective, zeta, eps_high)
+
+    def _reference_logprobs(self, micro: TrainBatch) -> Tensor | None:
+        if self.reference is None:
+            return None
+        with torch.no_grad():
+            logprobs, _ = self.reference(micro.input_ids, micro.attention_mask, micro.target_ids)
+        return logprobs.float()
 
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
         """Full weights with HF names, for pushing to the policy and saving."""

@@ -184,6 +184,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+def cut_at_cap(episode) -> bool:
+    """Whether the episode's last sampled turn ended at the token cap (finish reason "length")."""
+    return bool(episode.finish_reasons) and episode.finish_reasons[-1] == "length"
+
+
+def _any_rank(flag: bool) -> bool:
+    """``flag`` or-ed over the data-parallel ranks (itself in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def _reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Average metrics over data-parallel ranks (maxima for */max)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -253,14 +267,20 @@ class Trainer:
         self.cursor = TaskCursor(self.train_tasks, cfg.seed)
 
         updates = cfg.steps * cfg.trainer.epochs * cfg.trainer.mini_batches
+        # objective.kl_coef's reference is the initial model, also when resuming a checkpoint
+        reference = (
+            load_model(cfg.model.name, dtype="float32", device="cpu")
+            if cfg.objective.kl_coef > 0
+            else None
+        )
         if cfg.trainer.learner == "deepspeed":
             from trainer.deepspeed_learner import DeepSpeedLearner
 
-            self.learner = DeepSpeedLearner(lm, cfg, self.device, updates)
+            self.learner = DeepSpeedLearner(lm, cfg, self.device, updates, reference)
         else:
             from trainer.learner import TorchLearner
 
-            self.learner = TorchLearner(lm, cfg, self.device, updates)
+            self.learner = TorchLearner(lm, cfg, self.device, updates, reference)
         self.chat = ChatFormat(self.tokenizer)
         self.policy = self._make_policy()
 
@@ -395,7 +415,8 @@ class Trainer:
         update; the training cursor does not move). The estimate is the mean negative log-prob
         of the sampled tokens, whose expectation is the per-token entropy the learner reports
         as ``entropy/mean``; from ~10x the samples of one batch, so the controllers do not
-        regulate toward one batch's noise."""
+        regulate toward one batch's noise. With ``objective.overlong_filter`` the episodes cut
+        at the token cap are left out, as they are left out of the learner's batches."""
         n = min(self.cfg.objective.target_entropy_tasks, len(self.train_tasks))
         tasks = random.Random(self.cfg.seed * 7919 + 17).sample(self.train_tasks, n)
         # sampling draws from the global RNGs: restore them, so that training samples exactly
@@ -405,17 +426,24 @@ class Trainer:
             episodes = self._rollout(tasks[self.rank :: self.world], seed=self.cfg.seed + 271_828)
         finally:
             _set_rng_state(rng)
+        overlong = self.cfg.objective.overlong_filter  # measure what the learner will see
         nll = [
             -logprob
             for ep in episodes
-            if ep.error is None
+            if ep.error is None and not (overlong and cut_at_cap(ep))
             for logprob, sampled in zip(ep.sampler_logprobs, ep.loss_mask, strict=True)
             if sampled
         ]
         sums = _reduce_metrics({"nll": float(sum(nll)), "tokens": float(len(nll))})
         if sums["tokens"] == 0:
+            cut = sum(cut_at_cap(ep) for ep in episodes) if overlong else 0
+            why = (
+                f" ({cut} cut at the token cap, left out by objective.overlong_filter)"
+                if cut
+                else ""
+            )
             raise RuntimeError(
-                f"measuring the target entropy: no sampled tokens in {len(episodes)} episodes"
+                f"measuring the target entropy: no sampled tokens in {len(episodes)} episodes{why}"
             )
         target = sums["nll"] / sums["tokens"]
         for controller in self._controllers():
@@ -431,6 +459,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         from trainer.advantages import compute_advantages, loop_keep_mask
         from trainer.learner import MetricAccumulator, collate
+        from trainer.objectives import has_learning_signal
 
         cfg = self.cfg
         tasks = self.cursor.next(cfg.rollout.tasks_per_step)[self.rank :: self.world]
@@ -462,10 +491,30 @@ class Trainer:
                 if cfg.objective.adv_filter_threshold > 0
                 else torch.ones_like(advantages, dtype=torch.bool)
             )
+            if cfg.objective.overlong_filter:
+                cut = torch.tensor([cut_at_cap(ep) for ep in valid])
+                metrics["episodes/overlong"] = float(cut.sum())
+                keep &= ~cut
             kept = [ep for ep, k in zip(valid, keep.tolist(), strict=True) if k]
             metrics["episodes/kept"] = float(len(kept))
-            if kept:
-                self._update(collate(kept, advantages[keep], self.tokenizer.pad_token_id), learn)
+            signal = bool(kept) and (
+                not cfg.trainer.skip_no_signal
+                or has_learning_signal(advantages[keep], cfg.objective)
+            )
+        else:
+            kept, signal = [], False
+        # one decision for all ranks: a rank that skipped the update alone would hang the others
+        if _any_rank(signal):
+            if not kept:  # others learn: take part with this rank's episodes at zero weight
+                kept, advantages, keep = (
+                    valid,
+                    torch.zeros(len(valid)),
+                    torch.ones(len(valid), dtype=torch.bool),
+                )
+            self._update(collate(kept, advantages[keep], self.tokenizer.pad_token_id), learn)
+            metrics["train/no_signal"] = 0.0
+        else:
+            metrics["train/no_signal"] = 1.0
         metrics.update(learn.result())
         learn_s = time.perf_counter() - t1
         tokens = sum(len(ep.token_ids) for ep in valid)
@@ -744,7 +793,7 @@ class _TrainProgress:
                 self.task,
                 completed=step,
                 reward=metrics.get("reward/mean", 0.0),
-                entropy=metrics.get("entropy/mean", 0.0),
+                entropy=metrics.get("entropy/mean", float("nan")),  # nan: no update
                 clip_low=metrics.get("clip/low_frac", 0.0),
                 clip_high=metrics.get("clip/high_frac", 0.0),
             )

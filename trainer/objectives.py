@@ -89,6 +89,21 @@ def repo_shaped_advantages(
         return advantages - zeta * scale * centred_logprob
 
 
+def has_learning_signal(advantages: Tensor, cfg: ObjectiveConfig) -> bool:
+    """Whether :func:`policy_loss` can have a nonzero gradient for episodes with these
+    advantages [B].
+
+    False only when every advantage is exactly 0 (e.g. every group's rewards were equal) and no
+    term of the loss acts without one: REPO-R shapes only positive advantages (and ``r_sym``
+    scales by ``|A|``), so their shaped advantage is 0 too, while REPO-D's shaping, an entropy
+    bonus and a KL penalty act on every token. A batch without signal should not step the
+    optimizer: AdamW keeps moving the weights along its momentum on a zero gradient.
+    """
+    if cfg.repo.variant == "d" or cfg.entropy_coef != 0.0 or cfg.kl_coef > 0.0:
+        return True
+    return bool((advantages != 0).any())
+
+
 def ppo_clip_token_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, eps_low: float, eps_high: float
 ) -> Tensor:
@@ -180,7 +195,8 @@ def policy_loss(
     Metrics (floats, over masked tokens): entropy/mean, clip/low_frac, clip/high_frac,
     ratio/mean, ratio/max, mismatch/kl (mean of ``sampler_logprobs - logprobs``), adv/mean and
     adv/std (population std) of the advantage the loss used (after shaping), repo/zeta (0 when
-    REPO is off), adapo/eps_high.
+    REPO is off), adapo/eps_high, and kl/ref (mean k3 estimate of KL(pi || ref)) when
+    ``cfg.kl_coef > 0``.
     """
     logprobs = inputs.logprobs
     shape = logprobs.shape
@@ -209,9 +225,8 @@ def policy_loss(
             raise ValueError(
                 f"objective.kl_coef={cfg.kl_coef} needs LossInputs.ref_logprobs, got None"
             )
-        per_token = per_token + cfg.kl_coef * k3_kl(
-            logprobs, torch.where(mask, inputs.ref_logprobs, detached)
-        )
+        kl = k3_kl(logprobs, torch.where(mask, inputs.ref_logprobs, detached))
+        per_token = per_token + cfg.kl_coef * kl
     loss = aggregate(per_token, mask, cfg.aggregation, inputs.max_tokens)
 
     with torch.no_grad():
@@ -228,6 +243,8 @@ def policy_loss(
         )
     metrics["repo/zeta"] = float(zeta) if cfg.repo.variant != "none" else 0.0
     metrics["adapo/eps_high"] = float(eps_high)
+    if cfg.kl_coef > 0.0:
+        metrics["kl/ref"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
     return loss, metrics
 
 
