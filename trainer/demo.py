@@ -91,7 +91,7 @@ def run_demo(
     started = time.perf_counter()
 
     console.print(
-        f"[bold]1/3[/] evaluating the untrained model on {num_tasks} held-out tasks x {k} samples"
+        f"[bold]1/3[/] evaluating the untrained model on up to {num_tasks} held-out tasks x {k} samples"
     )
     trainer = Trainer(cfg, run_dir)
     trainer.setup()
@@ -141,13 +141,13 @@ def run_demo(
         "minutes": (time.perf_counter() - started) / 60,
         "run_dir": str(run_dir),
         "held_out_split": HELD_OUT_SPLIT,
-        "num_tasks": num_tasks,
+        "num_tasks": int(before["tasks"]),  # fewer than asked when the split has fewer
         "k": k,
     }
     (Path(run_dir) / "demo_summary.json").write_text(json.dumps(summary, indent=2))
 
     table = Table(
-        title=f"held-out {HELD_OUT_SPLIT} split: {num_tasks} tasks x {k} samples (T={cfg.eval.temperature})"
+        title=f"held-out {HELD_OUT_SPLIT} split: {summary['num_tasks']} tasks x {k} samples (T={cfg.eval.temperature})"
     )
     for col in ("", "untrained", "trained"):
         table.add_column(col)
