@@ -160,6 +160,14 @@ class DigitRewardEnv(gymnasium.Env):
         )
 
 
+def use_test_env(env_class) -> dict[str, str]:
+    """Register ``env_class`` with gymnasium (as ``eprl-test/<Name>-v0``) and return the config
+    overrides that train on it."""
+    env_id = f"eprl-test/{env_class.__name__.removesuffix('Env')}-v0"
+    gymnasium.register(env_id, entry_point=env_class, disable_env_checker=True)
+    return {"env.id": env_id, "env.kwargs": "{}"}
+
+
 def peaked_copy(model_dir, out_dir):
     """The tiny model with embeddings scaled up: its next-token distributions are peaked on a few
     tokens (like a trained LM's), so a policy gradient reranks tokens it actually samples."""
@@ -174,15 +182,11 @@ def peaked_copy(model_dir, out_dir):
 
 
 def test_mean_reward_rises_on_a_trivially_learnable_task(tiny_model_dir, tmp_path):
-    gymnasium.register(
-        "eprl-test/DigitReward-v0", entry_point=DigitRewardEnv, disable_env_checker=True
-    )
     overrides = tiny_overrides(
         peaked_copy(tiny_model_dir, tmp_path / "peaked"),
         tmp_path,
         **{
-            "env.id": "eprl-test/DigitReward-v0",
-            "env.kwargs": "{}",
+            **use_test_env(DigitRewardEnv),
             "steps": 12,
             "rollout.tasks_per_step": 4,
             "rollout.group_size": 4,
@@ -223,15 +227,11 @@ def test_a_batch_without_signal_makes_no_update(tiny_model_dir, tmp_path, skip):
     """After a step with signal, a batch whose advantages are all 0 leaves the weights, the
     optimizer and zeta as they were (train/no_signal 1); without trainer.skip_no_signal AdamW
     moves the weights on that zero gradient along its momentum."""
-    gymnasium.register(
-        "eprl-test/SwitchReward-v0", entry_point=SwitchRewardEnv, disable_env_checker=True
-    )
     overrides = tiny_overrides(
         tiny_model_dir,
         tmp_path,
         **{
-            "env.id": "eprl-test/SwitchReward-v0",
-            "env.kwargs": "{}",
+            **use_test_env(SwitchRewardEnv),
             "trainer.lr": 1e-3,
             "trainer.mini_batches": 1,
             "trainer.skip_no_signal": skip,
@@ -269,15 +269,11 @@ def test_overlong_filter_leaves_truncated_episodes_out_of_the_loss(tiny_model_di
     baseline but are not trained on; a batch cut entirely makes no update."""
     from trainer.loop import cut_at_cap
 
-    gymnasium.register(
-        "eprl-test/DigitReward-v0", entry_point=DigitRewardEnv, disable_env_checker=True
-    )
     overrides = tiny_overrides(
         tiny_model_dir,
         tmp_path,
         **{
-            "env.id": "eprl-test/DigitReward-v0",
-            "env.kwargs": "{}",
+            **use_test_env(DigitRewardEnv),
             "rollout.max_new_tokens": 4,  # the tiny model does not stop within 4 tokens
             "objective.overlong_filter": True,
             "trainer.skip_no_signal": True,
@@ -352,15 +348,11 @@ def test_kl_penalty_is_zero_at_the_reference_and_grows_after_an_update(tiny_mode
 def test_resumed_run_keeps_the_initial_model_as_kl_reference(tiny_model_dir, tmp_path):
     from agent.models import load_model
 
-    gymnasium.register(
-        "eprl-test/DigitReward-v0", entry_point=DigitRewardEnv, disable_env_checker=True
-    )
     overrides = tiny_overrides(
         tiny_model_dir,
         tmp_path,
         **{
-            "env.id": "eprl-test/DigitReward-v0",  # a reward with signal: the update moves weights
-            "env.kwargs": "{}",
+            **use_test_env(DigitRewardEnv),  # a reward with signal: the update moves weights
             "steps": 1,
             "eval.at_start": False,
             "objective.kl_coef": 0.1,

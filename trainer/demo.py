@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from trainer.config import load_config
-from trainer.loop import cut_at_cap, new_run_dir
+from trainer.loop import cut_at_cap, new_run_dir, sampled_nll
 
 HELD_OUT_SPLIT = "test"
 
@@ -62,14 +62,8 @@ def sampled_entropy(episodes, stopped_only: bool = False) -> float:
     """Mean ``-log pi(token)`` over the sampled tokens of ``episodes`` (an estimate of the
     per-token entropy, in nats); with ``stopped_only`` over the answers that ended before the
     token cap only, the tokens an overlong-filtered run trains on and regulates. NaN if none."""
-    nll = [
-        -logprob
-        for ep in episodes
-        if not (stopped_only and cut_at_cap(ep))
-        for logprob, sampled in zip(ep.sampler_logprobs, ep.loss_mask, strict=True)
-        if sampled
-    ]
-    return sum(nll) / len(nll) if nll else float("nan")
+    nll, tokens = sampled_nll(episodes, skip_cut=stopped_only)
+    return nll / tokens if tokens else float("nan")
 
 
 def run_demo(

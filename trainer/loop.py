@@ -189,6 +189,20 @@ def cut_at_cap(episode) -> bool:
     return bool(episode.finish_reasons) and episode.finish_reasons[-1] == "length"
 
 
+def sampled_nll(episodes, skip_cut: bool = False) -> tuple[float, int]:
+    """(sum of ``-log pi_sampler(token)``, number of tokens) over the sampled tokens of
+    ``episodes``, without those cut at the token cap when ``skip_cut``. The mean estimates the
+    per-token entropy the learner reports as ``entropy/mean``."""
+    nll = [
+        -logprob
+        for ep in episodes
+        if not (skip_cut and cut_at_cap(ep))
+        for logprob, sampled in zip(ep.sampler_logprobs, ep.loss_mask, strict=True)
+        if sampled
+    ]
+    return float(sum(nll)), len(nll)
+
+
 def _any_rank(flag: bool) -> bool:
     """``flag`` or-ed over the data-parallel ranks (itself in a single process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -427,14 +441,8 @@ class Trainer:
         finally:
             _set_rng_state(rng)
         overlong = self.cfg.objective.overlong_filter  # measure what the learner will see
-        nll = [
-            -logprob
-            for ep in episodes
-            if ep.error is None and not (overlong and cut_at_cap(ep))
-            for logprob, sampled in zip(ep.sampler_logprobs, ep.loss_mask, strict=True)
-            if sampled
-        ]
-        sums = _reduce_metrics({"nll": float(sum(nll)), "tokens": float(len(nll))})
+        nll, tokens = sampled_nll([ep for ep in episodes if ep.error is None], overlong)
+        sums = _reduce_metrics({"nll": nll, "tokens": float(tokens)})
         if sums["tokens"] == 0:
             cut = sum(cut_at_cap(ep) for ep in episodes) if overlong else 0
             why = (
@@ -476,7 +484,7 @@ class Trainer:
             "episodes/errors": float(len(episodes) - len(valid)),
             "response/tokens_mean": _mean([ep.num_sampled_tokens for ep in valid]),
             "response/stopped_frac": _mean(
-                [float(ep.finish_reasons[-1] != "length") for ep in valid if ep.finish_reasons]
+                [float(not cut_at_cap(ep)) for ep in valid if ep.finish_reasons]
             ),
             "perf/rollout_s": rollout_s,
         }
@@ -505,13 +513,14 @@ class Trainer:
             kept, signal = [], False
         # one decision for all ranks: a rank that skipped the update alone would hang the others
         if _any_rank(signal):
-            if not kept:  # others learn: take part with this rank's episodes at zero weight
-                kept, advantages, keep = (
-                    valid,
-                    torch.zeros(len(valid)),
-                    torch.ones(len(valid), dtype=torch.bool),
-                )
-            self._update(collate(kept, advantages[keep], self.tokenizer.pad_token_id), learn)
+            pad = self.tokenizer.pad_token_id
+            # a rank with nothing kept while others learn takes part at zero advantage
+            batch = (
+                collate(kept, advantages[keep], pad)
+                if kept
+                else collate(valid, torch.zeros(len(valid)), pad)
+            )
+            self._update(batch, learn)
             metrics["train/no_signal"] = 0.0
         else:
             metrics["train/no_signal"] = 1.0
