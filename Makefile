@@ -48,7 +48,8 @@ bwrap:
 		     "(the code sandbox refuses to start without it unless sandbox.mode=rlimits-only)"; \
 	fi
 
-test: setup
+# Lint first: a style error fails in seconds, before the 15-minute suite.
+test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: setup

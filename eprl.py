@@ -25,16 +25,6 @@ appworld_app = typer.Typer(
 app.add_typer(appworld_app, name="appworld")
 
 
-def _impl(module: str, attr: str, issue: int):
-    """Import module.attr; a module not written yet gives a clear 'not implemented yet' exit."""
-    if importlib.util.find_spec(module) is None:
-        typer.echo(
-            f"eprl: this command is not implemented yet (issue #{issue}: {module})", err=True
-        )
-        raise typer.Exit(2)
-    return getattr(importlib.import_module(module), attr)
-
-
 def _fail(exc: Exception) -> None:
     typer.echo(f"eprl: error: {exc}", err=True)
     raise typer.Exit(2)
@@ -51,7 +41,8 @@ def train(
     resume: Annotated[str | None, typer.Option(help="continue the run in this directory")] = None,
 ) -> None:
     """Train a policy: rollouts -> advantages -> objective -> updates -> checkpoints."""
-    run = _impl("trainer.loop", "train_from_cli", 7)
+    from trainer.loop import train_from_cli as run
+
     try:
         run(config, overrides or [], resume)
     except ValueError as exc:
@@ -63,7 +54,8 @@ def demo(
     config: Annotated[str, typer.Argument(help="run config YAML")] = "configs/quickstart.yaml",
 ) -> None:
     """The quick start: train the embedded model, then evaluate it against the untrained one."""
-    run = _impl("trainer.demo", "run_demo", 7)
+    from trainer.demo import run_demo as run
+
     run(config)
 
 
@@ -96,7 +88,8 @@ def evaluate(
     """Evaluate a model on an environment split: pass@1, pass@k, reward, success, diversity.
 
     `eprl eval --model M --out R.json` evaluates; `eprl eval --compare A.json B.json` compares."""
-    run = _impl("trainer.evaluate", "evaluate_cli", 9)
+    from trainer.evaluation.cli import evaluate_cli as run
+
     if compare:
         if not results or len(results) < 2:
             _fail(
@@ -138,7 +131,8 @@ def rollout(
     seed: Annotated[int, typer.Option(help="seed")] = 0,
 ) -> None:
     """Sample episodes and write them as JSONL (trajectories.jsonl)."""
-    run = _impl("agent.cli", "rollout_cli", 5)
+    from agent.cli import rollout_cli as run
+
     try:
         run(
             model=model,
@@ -166,12 +160,13 @@ def serve(
     max_sessions: Annotated[int, typer.Option(help="bound on concurrent sessions")] = 64,
 ) -> None:
     """Run the environment service (FastAPI) for remote clients."""
-    run = _impl("serving.app", "serve", 8)
+    from serving.app import serve as run
+
     try:
         run(
             host=host,
             port=port,
-            token=token or os.environ.get("EPRL_TOKEN"),
+            token=token or None,  # serve() falls back to the token environment variable
             max_sessions=max_sessions,
         )
     except ValueError as exc:
@@ -222,7 +217,9 @@ def models(
 @appworld_app.command("setup")
 def appworld_setup() -> None:
     """Check the isolated AppWorld venv and unpack its apps (offline)."""
-    raise typer.Exit(_impl("envs.appworld.cli", "setup", 6)())
+    from envs.appworld.cli import setup
+
+    raise typer.Exit(setup())
 
 
 @appworld_app.command("make-data")
@@ -239,7 +236,8 @@ def appworld_make_data(
     ] = False,
 ) -> None:
     """Generate a small offline dataset in AppWorld's own format with the real apps."""
-    run = _impl("envs.appworld.cli", "make_data", 6)
+    from envs.appworld.cli import make_data as run
+
     raise typer.Exit(
         run(out=out, seed=seed, tasks_per_scenario=tasks_per_scenario, validate=validate)
     )
@@ -252,7 +250,9 @@ def appworld_doctor(
     ] = None,
 ) -> None:
     """Say what is installed, where the data is, and whether a server starts."""
-    raise typer.Exit(_impl("envs.appworld.cli", "doctor", 6)(root=root))
+    from envs.appworld.cli import doctor
+
+    raise typer.Exit(doctor(root=root))
 
 
 def _absorb_launcher_args(argv: list[str]) -> list[str]:

@@ -7,6 +7,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "build_policy": "agent.backends",
+    "PolicyConfig": "agent.config",
     "ChatFormat": "agent.chat",
     "Generation": "agent.policy",
     "HFPolicy": "agent.policy",

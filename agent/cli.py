@@ -8,6 +8,7 @@ from collections import Counter
 
 from agent.backends import build_policy
 from agent.chat import ChatFormat
+from agent.config import PolicyConfig
 from agent.rollout import RolloutRunner, write_jsonl
 
 
@@ -49,7 +50,7 @@ def rollout_cli(
     random.Random(seed).shuffle(tasks)
     tasks = tasks[:num_tasks]
 
-    policy = build_policy(backend, model, temperature=temperature, seed=seed)
+    policy = build_policy(PolicyConfig(backend=backend, temperature=temperature), model, seed=seed)
     runner = RolloutRunner(
         policy,
         make_env,

@@ -44,17 +44,27 @@ class OpenAIPolicy:
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = ()
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        *,
+        temperature: float | None = None,
     ) -> list[Generation]:
+        temperature = self.temperature if temperature is None else temperature
         with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(lambda p: self._one(list(p), max_new_tokens, stop), prompts))
+            return list(
+                pool.map(lambda p: self._one(list(p), max_new_tokens, stop, temperature), prompts)
+            )
 
-    def _one(self, prompt: list[int], max_new_tokens: int, stop: Sequence[str]) -> Generation:
+    def _one(
+        self, prompt: list[int], max_new_tokens: int, stop: Sequence[str], temperature: float
+    ) -> Generation:
         body = {
             "model": self.model,
             "prompt": prompt,
             "max_tokens": max_new_tokens,
-            "temperature": self.temperature,
+            "temperature": temperature,
             "top_p": self.top_p,
             "logprobs": 1,
             "stop": list(stop) or None,

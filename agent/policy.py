@@ -2,9 +2,11 @@
 
 Every backend implements the same two calls (a structural interface, see :class:`Policy`):
 
-* ``generate(prompts, max_new_tokens, stop)``: ``prompts`` are token-id lists (token-in); each
-  result holds the sampled ids, the log-prob of each under the distribution actually sampled from
-  (after temperature and top-p), and why the turn ended (token-out).
+* ``generate(prompts, max_new_tokens, stop, temperature=None)``: ``prompts`` are token-id lists
+  (token-in); each result holds the sampled ids, the log-prob of each under the distribution
+  actually sampled from (after temperature and top-p), and why the turn ended (token-out).
+  ``temperature`` overrides the policy's own for this call only (evaluation samples at its own
+  temperature without touching the policy a training run keeps using).
 * ``update_weights(named_tensors)``: load new weights in place, named as in the HF state dict.
 
 This module holds the transformers backend (``hf``), the embedded default;
@@ -33,7 +35,12 @@ class Policy(Protocol):
     tokenizer: object
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = ()
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        *,
+        temperature: float | None = None,
     ) -> list[Generation]: ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
@@ -101,10 +108,10 @@ class HFPolicy:
         temperature: float = 1.0,
         top_p: float = 1.0,
         batch_size: int = 32,
-        seed: int | None = None,
     ) -> None:
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        """Sampling draws from torch's global RNG, which the callers seed (the training loop per
+        step, the evaluation per task), so a resumed run samples what an uninterrupted one does."""
+        _check_temperature(temperature)
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         self.model = model
@@ -112,7 +119,6 @@ class HFPolicy:
         self.temperature = temperature
         self.top_p = top_p
         self.batch_size = batch_size
-        self.generator_seed = seed
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
@@ -123,20 +129,25 @@ class HFPolicy:
         return next(self.model.parameters()).device
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = ()
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        *,
+        temperature: float | None = None,
     ) -> list[Generation]:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        temperature = self.temperature if temperature is None else _check_temperature(temperature)
         results: list[Generation] = []
         for start in range(0, len(prompts), self.batch_size):
-            results.extend(
-                self._generate_batch(prompts[start : start + self.batch_size], max_new_tokens, stop)
-            )
+            batch = prompts[start : start + self.batch_size]
+            results.extend(self._generate_batch(batch, max_new_tokens, stop, temperature))
         return results
 
     @torch.no_grad()
     def _generate_batch(
-        self, prompts, max_new_tokens: int, stop: Sequence[str]
+        self, prompts, max_new_tokens: int, stop: Sequence[str], temperature: float
     ) -> list[Generation]:
         """Our own decode loop over the model's KV cache, for three savings over ``generate``:
         identical prompts (the K episodes of a group) are prefilled once and their cache rows
@@ -182,8 +193,8 @@ class HFPolicy:
             reasons: list[str] = ["length"] * len(prompts)
             live = list(range(len(prompts)))  # prompt index of each batch row
             for step in range(max_new_tokens):
-                logp = sampling_logprobs(logits, self.temperature, self.top_p)
-                picked = _sample(logp) if self.temperature > 0 else logp.argmax(dim=-1)
+                logp = sampling_logprobs(logits, temperature, self.top_p)
+                picked = _sample(logp) if temperature > 0 else logp.argmax(dim=-1)
                 picked_logp = logp.gather(1, picked[:, None]).squeeze(1)
                 keep = []
                 for row, (index, token, value) in enumerate(
@@ -228,6 +239,12 @@ class HFPolicy:
             target = params[name]
             if target.data_ptr() != tensor.data_ptr():
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def _check_temperature(temperature: float) -> float:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    return temperature
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -23,7 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from agent.chat import ChatFormat
+from agent.config import DEFAULT_STOP
+from agent.io import atomic_write_text
 from agent.policy import Policy
+from agent.progress import ProgressBar
 
 
 @dataclass
@@ -83,17 +86,26 @@ class Episode:
 
 def write_jsonl(path: str | os.PathLike[str], episodes: Iterable[Episode]) -> None:
     """Write episodes, one JSON object per line, atomically (tmp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as handle:
-        for episode in episodes:
-            handle.write(json.dumps(episode.to_dict()) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(ep.to_dict()) + "\n" for ep in episodes))
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[Episode]:
     with Path(path).open() as handle:
         return [Episode.from_dict(json.loads(line)) for line in handle if line.strip()]
+
+
+def parallel_episodes(backend: str, env_limit: int | None) -> int:
+    """Episodes rolled out at once: 32 for hf (its generation batch), 256 for the serving
+    backends, and no more than the environment's own limit (``defaults["max_parallel_episodes"]``:
+    an AppWorld episode holds a server from reset to end). ``$EPRL_EVAL_BATCH_EPISODES``
+    overrides it."""
+    raw = os.environ.get("EPRL_EVAL_BATCH_EPISODES")
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"EPRL_EVAL_BATCH_EPISODES must be a positive integer, got {raw!r}")
+        return int(raw)
+    episodes = 32 if backend == "hf" else 256
+    return min(episodes, int(env_limit)) if env_limit else episodes
 
 
 @dataclass
@@ -127,10 +139,13 @@ class RolloutRunner:
         max_turns: int = 1,
         max_new_tokens: int = 96,
         max_context_tokens: int = 2048,
-        stop: Sequence[str] = ("\n```\n",),
+        stop: Sequence[str] = DEFAULT_STOP,
         env_workers: int = 8,
+        temperature: float | None = None,
         progress: bool = False,
     ) -> None:
+        """``temperature`` (None: the policy's own) is passed to every ``generate`` call, so an
+        evaluation samples at its temperature without changing the policy object."""
         for name, value in (
             ("group_size", group_size),
             ("max_turns", max_turns),
@@ -152,6 +167,7 @@ class RolloutRunner:
         self.max_context_tokens = max_context_tokens
         self.stop = list(stop)
         self.env_workers = env_workers
+        self.temperature = temperature
         self.progress = progress
         self.last_stats: RolloutStats | None = None
 
@@ -166,7 +182,14 @@ class RolloutRunner:
         started = time.perf_counter()
         with (
             ThreadPoolExecutor(self.env_workers) as pool,
-            _Progress(self.progress, len(episodes)) as bar,
+            ProgressBar(
+                "rollout",
+                len(episodes),
+                unit="episodes",
+                fields={"turns": ".0f", "tok/s": ".0f"},
+                enabled=self.progress,
+                transient=True,
+            ) as bar,
         ):
             try:
                 list(pool.map(lambda i: self._reset(i, episodes[i], envs), range(len(episodes))))
@@ -184,7 +207,10 @@ class RolloutRunner:
                         continue
                     t0 = time.perf_counter()
                     generations = self.policy.generate(
-                        [episodes[i].token_ids for i in live], self.max_new_tokens, self.stop
+                        [episodes[i].token_ids for i in live],
+                        self.max_new_tokens,
+                        self.stop,
+                        temperature=self.temperature,
                     )
                     gen_s = time.perf_counter() - t0
                     for i, gen in zip(live, generations, strict=True):
@@ -193,7 +219,12 @@ class RolloutRunner:
                         episodes[i].timings["generate_s"] += gen_s / len(live)
                     list(pool.map(lambda i: self._step(episodes[i], envs[i]), live))
                     turn += 1
-                    bar.update(episodes, time.perf_counter() - started)
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    bar.update(
+                        sum(ep.done for ep in episodes),
+                        turns=sum(ep.num_turns for ep in episodes),
+                        **{"tok/s": sum(ep.num_sampled_tokens for ep in episodes) / elapsed},
+                    )
             finally:
                 list(pool.map(lambda env: _close(env), [e for e in envs if e is not None]))
         wall = time.perf_counter() - started
@@ -264,44 +295,3 @@ def _close(env) -> None:
     # closing is best effort; the env's own finalizers reap what is left
     with contextlib.suppress(Exception):
         env.close()
-
-
-class _Progress:
-    """A rich progress bar: episodes done, turns, sampled tokens per second."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled = enabled
-        self.total = total
-        self.progress = None
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(
-                TextColumn("rollout"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total} episodes"),
-                TextColumn("{task.fields[turns]} turns"),
-                TextColumn("{task.fields[tps]:.0f} tok/s"),
-                TimeElapsedColumn(),
-                transient=True,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task("rollout", total=self.total, turns=0, tps=0.0)
-        return self
-
-    def update(self, episodes: Sequence[Episode], elapsed: float) -> None:
-        if self.progress is None:
-            return
-        tokens = sum(ep.num_sampled_tokens for ep in episodes)
-        self.progress.update(
-            self.task,
-            completed=sum(ep.done for ep in episodes),
-            turns=sum(ep.num_turns for ep in episodes),
-            tps=tokens / max(elapsed, 1e-9),
-        )
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()

@@ -72,13 +72,18 @@ class VLLMPolicy:
         self.top_p = top_p
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = ()
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        *,
+        temperature: float | None = None,
     ) -> list[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(
-            temperature=self.temperature,
+            temperature=self.temperature if temperature is None else temperature,
             top_p=self.top_p,
             max_tokens=max_new_tokens,
             logprobs=0,  # the sampled token's own log-prob

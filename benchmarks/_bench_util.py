@@ -23,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+from agent.io import atomic_write_text  # noqa: E402
 
 
 def machine() -> str:
@@ -154,7 +157,4 @@ def write_result(name: str, title: str, body: str, started: str, machine_line: s
         f"# {title}\n\n- Command: `{command()}`\n- Date: {started}\n- Machine: {machine_line}\n\n"
         f"{body.strip()}\n"
     )
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)

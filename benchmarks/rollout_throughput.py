@@ -36,9 +36,10 @@ def main() -> None:
     import envs  # noqa: F401
     from agent.backends import build_policy
     from agent.chat import ChatFormat
+    from agent.config import PolicyConfig
     from agent.rollout import RolloutRunner
 
-    policy = build_policy("hf", "smollm2-135m-instruct", temperature=1.0, device="cpu", seed=0)
+    policy = build_policy(PolicyConfig(backend="hf", temperature=1.0), "smollm2-135m-instruct")
     chat = ChatFormat(policy.tokenizer)
 
     def make_env():

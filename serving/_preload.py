@@ -12,7 +12,9 @@ import importlib
 import os
 import sys
 
-for _name in filter(None, os.environ.get("EPRL_SERVING_PRELOAD", "").split(",")):
+from serving.workers import PRELOAD_ENV_VAR
+
+for _name in filter(None, os.environ.get(PRELOAD_ENV_VAR, "").split(",")):
     try:
         _module = importlib.import_module(_name)
         if callable(getattr(_module, "catalogue", None)):

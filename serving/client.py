@@ -5,7 +5,8 @@
     obs, info = env.reset(seed=0, options={"task_id": ...})
 
 It behaves like the local env (same observations, rewards and info for the same task and seed;
-the same spaces, ``splits`` and ``task_ids(split)``). The remote session is created at the
+the same spaces, ``splits``, ``task_ids(split)`` and ``defaults``, the budgets the served env
+declares, all known right after ``make``). The remote session is created at the
 first ``reset`` and closed by ``close()``; ``url`` may be a list of replicas, and each session
 goes to the least-loaded one that answers.
 
@@ -22,13 +23,15 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium
 import httpx
 from gymnasium import spaces
 
-TOKEN_ENV_VAR = "EPRL_TOKEN"
+from serving.settings import TOKEN_ENV_VAR
+
 _RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 _round_robin = itertools.count()  # breaks ties between equally loaded replicas
 _descriptions: dict[str, dict[str, Any]] = {}  # (urls, env id, kwargs) -> spaces, splits, task ids
@@ -139,11 +142,11 @@ class RemoteEnv(gymnasium.Env):
         description = _descriptions.get(key)
         if description is None:
             try:
-                description = self._request_any(
-                    "POST",
-                    "/v1/envs/describe",
-                    json={"env_id": env_id, "env_kwargs": self.env_kwargs},
+                body = {"env_id": env_id, "env_kwargs": self.env_kwargs}
+                _, response = self._with_retries(
+                    "POST", "/v1/envs/describe", body, lambda: self.urls
                 )
+                description = response.json()
             except BaseException:
                 self._http.close()
                 raise
@@ -152,6 +155,9 @@ class RemoteEnv(gymnasium.Env):
         self.action_space = _space(description["action_space"])
         self.splits: list[str] = list(description["splits"])
         self._task_ids: dict[str, list[str]] = description["task_ids"]
+        # the served env's own budgets (max_turns, max_new_tokens, max_context_tokens,
+        # max_parallel_episodes): an evaluator sizes its run by them as for a local env
+        self.defaults: dict[str, Any] = dict(description["defaults"])
 
     # ---- the env contract ------------------------------------------------------------------
 
@@ -202,34 +208,21 @@ class RemoteEnv(gymnasium.Env):
     def _create_session(self) -> None:
         """Create a session on the least-loaded replica; retry with backoff when all are busy."""
         body = {"env_id": self.env_id, "env_kwargs": self.env_kwargs}
-        last_error: RemoteEnvError | None = None
-        for attempt in range(self.max_retries + 1):
-            retry_after = 0.0
-            for base in self._replicas_by_load():
-                try:
-                    response = self._http.post(f"{base}/v1/sessions", json=body)
-                except httpx.TransportError as exc:
-                    last_error = RemoteEnvError(f"{base} unreachable: {exc}")
-                    continue
-                if response.status_code == 201:
-                    self.session_id = response.json()["session_id"]
-                    self.session_url = base
-                    return
-                error = self._error(response, base)
-                if response.status_code not in _RETRYABLE_STATUS:
-                    raise error
-                last_error = error
-                retry_after = max(retry_after, _retry_after(response))
-            if attempt < self.max_retries:
-                time.sleep(max(retry_after, self._backoff(attempt)))
-        if last_error is not None and last_error.status in (429, 503):
+        try:
+            base, response = self._with_retries(
+                "POST", "/v1/sessions", body, self._replicas_by_load
+            )
+        except RemoteEnvError as exc:
+            if exc.status not in (429, 503):
+                raise
             raise ServiceBusyError(
                 f"no replica accepted a new {self.env_id} session after "
-                f"{self.max_retries + 1} tries: {last_error}",
-                status=last_error.status,
-                error=last_error.error,
-            )
-        raise last_error or RemoteEnvError("no replica to create a session on")
+                f"{self.max_retries + 1} tries: {exc}",
+                status=exc.status,
+                error=exc.error,
+            ) from None
+        self.session_id = response.json()["session_id"]
+        self.session_url = base
 
     def _replicas_by_load(self) -> list[str]:
         """Replicas ordered by free session slots (from /healthz); unreachable ones last."""
@@ -275,19 +268,27 @@ class RemoteEnv(gymnasium.Env):
 
     # ---- HTTP helpers ------------------------------------------------------------------------
 
-    def _request_any(self, method: str, path: str, json: Any = None) -> Any:
-        """A safe (repeatable) call on any replica, with retries and exponential backoff."""
+    def _with_retries(
+        self, method: str, path: str, json: Any, replicas: Callable[[], list[str]]
+    ) -> tuple[str, httpx.Response]:
+        """A safe (repeatable) call: the first replica that answers 2xx, with its response.
+
+        Each round tries every replica in the order ``replicas()`` gives; an unreachable replica
+        or a busy answer (429, 502, 503, 504) moves on to the next, any other error is raised at
+        once. Between rounds it sleeps the longest Retry-After, at least the exponential
+        backoff; after ``max_retries`` more rounds the last error is raised.
+        """
         last_error: RemoteEnvError | None = None
         for attempt in range(self.max_retries + 1):
             retry_after = 0.0
-            for base in self.urls:
+            for base in replicas():
                 try:
                     response = self._http.request(method, f"{base}{path}", json=json)
                 except httpx.TransportError as exc:
                     last_error = RemoteEnvError(f"{base}{path} unreachable: {exc}")
                     continue
                 if response.status_code < 300:
-                    return response.json()
+                    return base, response
                 error = self._error(response, base)
                 if response.status_code not in _RETRYABLE_STATUS:
                     raise error
@@ -295,7 +296,7 @@ class RemoteEnv(gymnasium.Env):
                 retry_after = max(retry_after, _retry_after(response))
             if attempt < self.max_retries:
                 time.sleep(max(retry_after, self._backoff(attempt)))
-        assert last_error is not None
+        assert last_error is not None  # every round tried at least one replica
         raise last_error
 
     def _backoff(self, attempt: int) -> float:

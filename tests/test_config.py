@@ -77,3 +77,14 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match=r"objective.kl_coef=0.05 .*deepspeed.zero_stage 1 or 2"):
         load_config(None, [*kl_zero3, "trainer.deepspeed.zero_stage=3"])
     assert load_config(None, [*kl_zero3, "trainer.deepspeed.zero_stage=2"]).objective.kl_coef > 0
+
+
+def test_a_served_policy_cannot_be_trained_and_dropped_keys_are_unknown():
+    """policy.backend=openai is refused when the config is read (not at step 1), and the keys
+    nothing read (model.trust_remote_code, policy.device, policy.openai) are gone, not ignored."""
+    with pytest.raises(ConfigError, match=r"policy.backend='openai' cannot be trained"):
+        load_config(None, ["policy.backend=openai"])
+    for key in ("model.trust_remote_code=true", "policy.device=cpu", "policy.openai.timeout_s=1"):
+        with pytest.raises(ConfigError, match="unknown config key"):
+            load_config(None, [key])
+    assert load_config(None, ["policy.backend=vllm"]).policy.vllm.fp32_head

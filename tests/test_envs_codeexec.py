@@ -1,12 +1,12 @@
 """eprl/CodeExec-v0: API conformance, task sets and splits, grading, the multi-turn protocol.
 
-Grading runs in the bubblewrap sandbox; without bwrap these tests skip (`apt-get install
-bubblewrap`, done by `make setup`, runs them).
+Grading runs in the bubblewrap sandbox; without bwrap the tests that make an env or grade in the
+default mode (the ``bwrap`` fixture of conftest.py) skip (`apt-get install bubblewrap`, done by
+`make setup`, runs them); the task-set, rlimits-only and text-helper tests still run.
 """
 
 import logging
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -24,10 +24,7 @@ from envs.codeexec.tasks import grade, humaneval_task, load_task, split_ids
 from envs.sandbox import SandboxConfig
 from envs.text import TEXT_CHARSET, extract_code_block, to_charset, truncate_text
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("bwrap") is None,
-    reason="bubblewrap is not installed: `apt-get install bubblewrap` (make setup) runs these",
-)
+needs_bwrap = pytest.mark.usefixtures("bwrap")
 FAST_SANDBOX = {"cell_timeout_s": 3, "cpu_seconds": 10}
 
 
@@ -36,13 +33,14 @@ def _fence(code: str) -> str:
 
 
 @pytest.fixture
-def multi_turn():
+def multi_turn(bwrap):
     env = gymnasium.make("eprl/CodeExec-v0", max_turns=4, sandbox=FAST_SANDBOX)
     yield env
     env.close()
 
 
 # API ----------------------------------------------------------------------------------------
+@needs_bwrap
 @pytest.mark.parametrize(
     "kwargs",
     [{}, {"task_set": "humaneval"}, {"max_turns": 3, "split": "dev", "levels": [1]}],
@@ -59,6 +57,7 @@ def test_check_env_passes(kwargs):
     env.close()
 
 
+@needs_bwrap
 def test_make_works_from_a_plain_shell(tmp_path):
     code = (
         "import envs, gymnasium\n"
@@ -75,6 +74,7 @@ def test_make_works_from_a_plain_shell(tmp_path):
     assert task_id.startswith("proc/") and turn == "0" and split == "train"
 
 
+@needs_bwrap
 def test_catalogue_and_splits():
     entries = {entry["task_set"]: entry for entry in catalogue()}
     assert entries["procedural"]["env_id"] == "eprl/CodeExec-v0"
@@ -110,6 +110,7 @@ def test_procedural_splits_are_disjoint_in_ids_and_content():
     assert levels == {1, 2, 3} and families == set(procedural.FAMILIES)
 
 
+@needs_bwrap
 def test_same_seed_same_task():
     first = CodeExecEnv()
     second = CodeExecEnv()
@@ -123,6 +124,7 @@ def test_same_seed_same_task():
     assert spec != procedural.generate("list", 2, 12)
 
 
+@needs_bwrap
 def test_filters_by_level_and_family():
     env = CodeExecEnv(split="dev", levels=[1], families=["string"])
     assert len(env.task_ids("dev")) == 10
@@ -132,6 +134,7 @@ def test_filters_by_level_and_family():
 
 
 # grading ----------------------------------------------------------------------------------
+@needs_bwrap
 def test_procedural_reference_solutions_score_one_for_every_family_and_level():
     rng = random.Random(0)
     ids = split_ids("procedural")["train"]
@@ -147,6 +150,7 @@ def test_procedural_reference_solutions_score_one_for_every_family_and_level():
     env.close()
 
 
+@needs_bwrap
 def test_wrong_solutions_score_below_one():
     task = load_task("procedural", "proc/arithmetic/L1/5")  # x * 4 + 3
     assert grade(task, task.reference_solution).reward == 1.0
@@ -155,6 +159,7 @@ def test_wrong_solutions_score_below_one():
     assert grade(task, "this is not python").reward == 0.0
 
 
+@needs_bwrap
 def test_a_hostile_submission_scores_zero_without_hurting_the_host():
     task = load_task("procedural", "proc/list/L2/3")
     config = SandboxConfig(cell_timeout_s=0.5)
@@ -172,6 +177,7 @@ def test_a_hostile_submission_scores_zero_without_hurting_the_host():
 HUMANEVAL_SAMPLE = random.Random(4).sample(split_ids("humaneval")["test"], 10)
 
 
+@needs_bwrap
 @pytest.mark.parametrize("task_id", HUMANEVAL_SAMPLE)
 def test_humaneval_canonical_solution_scores_one(task_id):
     task = humaneval_task(task_id)
@@ -179,6 +185,7 @@ def test_humaneval_canonical_solution_scores_one(task_id):
     assert result.success and result.reward == 1.0, result.first_failure
 
 
+@needs_bwrap
 @pytest.mark.slow
 def test_all_164_humaneval_canonical_solutions_score_one():
     failures = []
@@ -190,6 +197,7 @@ def test_all_164_humaneval_canonical_solutions_score_one():
     assert not failures
 
 
+@needs_bwrap
 def test_humaneval_wrong_solution_scores_below_one():
     task = humaneval_task("HumanEval/0")
     assert grade(task, task.reference_solution).reward == 1.0
@@ -201,6 +209,7 @@ def test_humaneval_wrong_solution_scores_below_one():
 
 
 # single-turn protocol ---------------------------------------------------------------------
+@needs_bwrap
 def test_single_turn_episode():
     env = gymnasium.make("eprl/CodeExec-v0", sandbox=FAST_SANDBOX)
     obs, info = env.reset(options={"task_id": "proc/arithmetic/L1/5"})
@@ -218,6 +227,7 @@ def test_single_turn_episode():
     env.close()
 
 
+@needs_bwrap
 def test_oversized_action_truncates_the_episode():
     env = gymnasium.make("eprl/CodeExec-v0", max_action_chars=300)
     env.reset(seed=0)
@@ -272,6 +282,7 @@ def test_a_timed_out_cell_restarts_the_session(multi_turn):
     assert "NameError" in obs
 
 
+@needs_bwrap
 def test_oversized_observation_truncates_the_episode():
     env = gymnasium.make(
         "eprl/CodeExec-v0", max_turns=3, max_observation_chars=600, max_output_chars=2000
@@ -291,6 +302,7 @@ def test_observations_stay_in_the_text_space(multi_turn):
     assert obs in multi_turn.observation_space
 
 
+@needs_bwrap
 def test_close_leaves_no_process_behind():
     marker = 900_000 + uuid.uuid4().int % 99_999
     env = gymnasium.make("eprl/CodeExec-v0", max_turns=3, sandbox=FAST_SANDBOX)

@@ -1,7 +1,8 @@
-"""The code sandbox (envs/sandbox.py): REPL semantics, and every escape attempt contained.
+"""The code sandbox (envs/sandbox/): REPL semantics, and every escape attempt contained.
 
 Needs bubblewrap (`apt-get install bubblewrap`, done by `make setup`); without it the bwrap tests
-skip and the rlimits-only and missing-bwrap tests still run.
+(those using the ``bwrap`` fixture of conftest.py) skip and the rlimits-only and missing-bwrap
+tests still run.
 """
 
 import logging
@@ -16,7 +17,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from envs import sandbox as sandbox_module
 from envs.sandbox import (
     BubblewrapMissingError,
     PythonSandbox,
@@ -25,15 +25,12 @@ from envs.sandbox import (
     run_once,
 )
 
-needs_bwrap = pytest.mark.skipif(
-    shutil.which("bwrap") is None,
-    reason="bubblewrap is not installed: `apt-get install bubblewrap` (make setup) runs these",
-)
+needs_bwrap = pytest.mark.usefixtures("bwrap")
 FAST = SandboxConfig(cell_timeout_s=5, cpu_seconds=10)
 
 
 @pytest.fixture
-def sandbox():
+def sandbox(bwrap):
     with PythonSandbox(FAST) as box:
         yield box
 
@@ -307,7 +304,7 @@ def test_run_once_uses_a_fresh_sandbox():
 
 # modes ------------------------------------------------------------------------------------
 def test_missing_bwrap_refuses_with_install_hint(monkeypatch):
-    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(BubblewrapMissingError, match="apt-get install bubblewrap"):
         PythonSandbox(SandboxConfig(mode="bwrap"))
 
@@ -345,6 +342,7 @@ def test_config_validation():
     assert SandboxConfig.from_dict({"memory_mb": 256}).memory_mb == 256
 
 
+@needs_bwrap
 def test_many_concurrent_sandboxes_each_get_their_own_process_budget():
     """RLIMIT_NPROC counts processes per uid host-wide: with one shared uid, the 5th live sandbox
     failed to start at the default max_processes=16. Each sandbox now has its own host uid."""

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import ConfigError, load_config
-from trainer.loop import make_env_factory, split_task_ids
+from trainer.tasks import make_env_factory, split_task_ids
 
 REPO = Path(__file__).resolve().parents[1]
 HELD_OUT = {"test", "test_normal", "test_challenge"}

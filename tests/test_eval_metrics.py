@@ -7,20 +7,18 @@ import math
 import pytest
 
 from agent.rollout import Episode
-from trainer.evaluate import (
-    TaskLog,
-    compare_markdown,
-    default_out,
+from trainer.evaluation.cli import default_out, evaluate_cli
+from trainer.evaluation.metrics import (
     episode_record,
-    evaluate_cli,
     goal_completion,
-    markdown_report,
     normalise_code,
     pass_at_k,
-    summarize,
+    summarize_episodes,
     summarize_tasks,
     task_record,
 )
+from trainer.evaluation.report import compare_markdown, markdown_report
+from trainer.evaluation.sidecar import TaskLog
 
 
 @pytest.fixture(scope="module")
@@ -170,14 +168,15 @@ def test_summarize_keeps_its_behaviour(tokenizer):
         make_episode(tokenizer, "t2", False, OTHER),
         make_episode(tokenizer, "t2", False, OTHER),
     ]
-    assert summarize(eps, 2) == {
+    # the in-memory summary (training's and the demo's evaluations) is the one summariser
+    summary = summarize_episodes(eps, 2, tokenizer)
+    assert {key: summary[key] for key in ("pass@1", "pass@2", "reward/mean", "success/rate")} == {
         "pass@1": 0.25,
         "pass@2": 0.5,
         "reward/mean": pytest.approx((1 + 0.25 * 3) / 4),
         "success/rate": 0.25,
-        "tasks": 2.0,
-        "episodes": 4.0,
     }
+    assert summary["tasks"] == 2.0 and summary["episodes"] == 4.0
     record = episode_record(eps[0], tokenizer)
     assert record["success"] and record["sampled_tokens"] == eps[0].num_sampled_tokens
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.evaluate import evaluate_cli
+from trainer.evaluation.cli import evaluate_cli
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -102,6 +102,34 @@ def test_remote_env_contract(service):
         remote.close()  # twice is fine
 
 
+def local_defaults(env_id: str, **kwargs) -> dict:
+    """The budgets the local env declares; where it declares none, the fallback of the contract."""
+    env = gymnasium.make(env_id, **kwargs)
+    try:
+        unwrapped = env.unwrapped
+        if hasattr(unwrapped, "defaults"):
+            return dict(unwrapped.defaults)
+        max_turns = getattr(unwrapped, "max_turns", 1) or 1
+        return {
+            "max_turns": max_turns,
+            "max_new_tokens": 512,
+            "max_context_tokens": 2048 if max_turns == 1 else 16384,
+            "max_parallel_episodes": None,
+        }
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"max_turns": 3}])
+def test_remote_env_reports_the_served_env_defaults_before_reset(service, kwargs):
+    remote = gymnasium.make("eprl/Remote-v0", url=service.url, env_id=CODEEXEC, env_kwargs=kwargs)
+    try:
+        assert remote.unwrapped.session_id is None  # no reset yet: known from /v1/envs/describe
+        assert remote.unwrapped.defaults == local_defaults(CODEEXEC, **kwargs)
+    finally:
+        remote.close()
+
+
 def test_catalogue_and_describe(service):
     from envs.codeexec import catalogue
 
@@ -115,6 +143,7 @@ def test_catalogue_and_describe(service):
         ).json()
         assert description["splits"] == ["test"]
         assert len(description["task_ids"]["test"]) == 164
+        assert description["defaults"] == local_defaults(CODEEXEC, task_set="humaneval")
 
 
 def is_alive_pid(pid: int) -> bool:

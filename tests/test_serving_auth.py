@@ -12,6 +12,7 @@ from serving_server import REPO, free_port, running_service, serve_command
 import envs  # noqa: F401  (registers the ids)
 from serving.app import ServeSettings, create_app, is_loopback, serve
 from serving.client import RemoteEnvError
+from serving.settings import TOKEN_ENV_VAR
 
 TOKEN = secrets.token_urlsafe(24)
 WRONG = secrets.token_urlsafe(24)
@@ -27,7 +28,7 @@ def service(tmp_path_factory):
 
 
 def test_refuses_to_start_off_loopback_without_a_token(monkeypatch):
-    monkeypatch.delenv("EPRL_TOKEN", raising=False)
+    monkeypatch.delenv(TOKEN_ENV_VAR, raising=False)
     for host in ("0.0.0.0", "::", "192.0.2.1"):
         with pytest.raises(ValueError, match="requires a bearer token"):
             serve(host=host, port=free_port())
@@ -44,7 +45,7 @@ def test_refuses_to_start_off_loopback_without_a_token(monkeypatch):
 
 def test_the_cli_path_exits_with_the_error(tmp_path):
     """serve() in a fresh process: it binds nothing and says why (what `eprl serve` prints)."""
-    env = {key: value for key, value in os.environ.items() if key != "EPRL_TOKEN"}
+    env = {key: value for key, value in os.environ.items() if key != TOKEN_ENV_VAR}
     result = subprocess.run(
         serve_command({"host": "0.0.0.0", "port": free_port()}),
         cwd=REPO,
@@ -58,7 +59,7 @@ def test_the_cli_path_exits_with_the_error(tmp_path):
 
 
 def test_token_from_environment_off_loopback(tmp_path):
-    with running_service(tmp_path, environ={"EPRL_TOKEN": TOKEN}, host="0.0.0.0") as service:
+    with running_service(tmp_path, environ={TOKEN_ENV_VAR: TOKEN}, host="0.0.0.0") as service:
         assert httpx.get(f"{service.url}/v1/envs", timeout=30).status_code == 401
         with service.client() as http:
             assert http.get("/v1/envs").status_code == 200
@@ -100,7 +101,8 @@ def test_every_route_but_healthz_needs_the_token(service):
 def test_remote_env_sends_the_token(service, monkeypatch):
     with pytest.raises(RemoteEnvError, match="HTTP 401"):
         gymnasium.make("eprl/Remote-v0", url=service.url, env_id="eprl/CodeExec-v0", token=WRONG)
-    monkeypatch.setenv("EPRL_TOKEN", TOKEN)  # the default token source
+    assert TOKEN_ENV_VAR == "EPRL_TOKEN"  # the name the docs give users
+    monkeypatch.setenv(TOKEN_ENV_VAR, TOKEN)  # the default token source
     env = gymnasium.make("eprl/Remote-v0", url=service.url, env_id="eprl/CodeExec-v0")
     observation, info = env.reset(seed=0)
     env.step("```python\nprint(1)\n```")

@@ -13,8 +13,9 @@ import gymnasium
 import pytest
 import torch
 
+from trainer.checkpoint import latest_checkpoint
 from trainer.config import load_config
-from trainer.loop import Trainer, latest_checkpoint, run_training
+from trainer.loop import Trainer, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 DESIGN_METRICS = [
@@ -267,7 +268,7 @@ def test_a_batch_without_signal_makes_no_update(tiny_model_dir, tmp_path, skip):
 def test_overlong_filter_leaves_truncated_episodes_out_of_the_loss(tiny_model_dir, tmp_path):
     """objective.overlong_filter: episodes cut at max_new_tokens keep their reward in the RLOO
     baseline but are not trained on; a batch cut entirely makes no update."""
-    from trainer.loop import cut_at_cap
+    from trainer.episodes import cut_at_cap
 
     overrides = tiny_overrides(
         tiny_model_dir,
@@ -331,13 +332,13 @@ def test_kl_penalty_is_zero_at_the_reference_and_grows_after_an_update(tiny_mode
     )
     first_plain, first_kl = plain.update(batch, 0.0, 0.28), kl.update(batch, 0.0, 0.28)
     assert first_kl["kl/ref"] == 0.0 and "kl/ref" not in first_plain
-    assert first_kl["loss"] == pytest.approx(first_plain["loss"], abs=1e-6)
+    assert first_kl["loss/total"] == pytest.approx(first_plain["loss/total"], abs=1e-6)
     for (name, a), (_, b) in zip(plain.named_weights(), kl.named_weights(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
     second = kl.update(batch, 0.0, 0.28)
     assert second["kl/ref"] > 1e-4
-    assert second["loss"] == pytest.approx(
-        plain.update(batch, 0.0, 0.28)["loss"] + 0.5 * second["kl/ref"], rel=1e-4
+    assert second["loss/total"] == pytest.approx(
+        plain.update(batch, 0.0, 0.28)["loss/total"] + 0.5 * second["kl/ref"], rel=1e-4
     )
     # the reference is frozen: two updates did not move it
     initial = load_model(tiny_model_dir).state_dict()
@@ -524,7 +525,7 @@ def test_single_update_reads_old_logprobs_off_its_own_forward(tiny_model_dir, tm
         out = learner.update(batch, zeta=0.05, eps_high=0.28)
         results.append((out, dict(learner.named_weights())))
     (with_pass, weights_a), (shortcut, weights_b) = results
-    assert shortcut["loss"] == pytest.approx(with_pass["loss"], rel=1e-5, abs=1e-7)
+    assert shortcut["loss/total"] == pytest.approx(with_pass["loss/total"], rel=1e-5, abs=1e-7)
     assert shortcut["ratio/mean"] == pytest.approx(1.0, abs=1e-6)
     initial = load_model(tiny_model_dir).state_dict()
     assert any(not torch.equal(weights_a[n], initial[n]) for n in weights_a), "nothing changed"
@@ -585,7 +586,7 @@ def test_target_entropy_is_measured_before_step_one_without_moving_the_cursor(
     trainer.train()
     trainer.cleanup()
     (unmeasured,) = rows(tmp_path / "run3")
-    for key in ("entropy/mean", "reward/mean", "response/tokens_mean", "loss"):
+    for key in ("entropy/mean", "reward/mean", "response/tokens_mean", "loss/total"):
         assert unmeasured[key] == row[key], key
 
 
@@ -594,7 +595,8 @@ def test_demo_trains_then_compares_on_stratified_held_out_tasks(
 ):
     """`eprl demo` end to end with a tiny model: both evaluations, the summary file and the
     printed table (pass@1, held-out and train entropy before and after)."""
-    from trainer.demo import held_out_tasks, run_demo
+    from trainer.demo import run_demo
+    from trainer.tasks import held_out_tasks
 
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps the table's labels in a narrow terminal
     ids = [f"proc/{fam}/L{lvl}/{i}" for fam in ("a", "b") for lvl in (1, 2) for i in range(5)]
@@ -630,7 +632,7 @@ def test_demo_trains_then_compares_on_stratified_held_out_tasks(
 
 def test_sampled_entropy_over_all_answers_and_over_those_that_stop():
     from agent.rollout import Episode
-    from trainer.demo import sampled_entropy
+    from trainer.episodes import sampled_entropy
 
     def episode(logprobs, reason):
         ep = Episode(task_id="t", group_id=0, seed=0, finish_reasons=[reason])

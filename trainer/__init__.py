@@ -1,4 +1,13 @@
-"""eprl's trainer: advantages, objectives, the FP32 loss path (and later the learners and loop).
+"""eprl's trainer: advantages, objectives, the FP32 loss path, the learners, the training loop
+and evaluation.
+
+- ``config.py``: the typed run config; ``loop.py``: the recipe (``setup / train / train_step /
+  update / evaluate / save_checkpoint / cleanup``);
+- ``episodes.py`` (which episodes train), ``tasks.py`` (where tasks come from),
+  ``distributed.py``, ``checkpoint.py``, ``logger.py`` (``metrics.jsonl``), ``report.py``;
+- ``advantages.py``, ``objectives.py`` (losses and entropy controllers), ``precision.py`` (the
+  FP32 loss path), ``learner.py`` / ``deepspeed_learner.py``;
+- ``evaluation/`` (``eprl eval``) and ``demo.py`` (``make demo``).
 
 Names are imported lazily so that ``import trainer.config`` (the CLI) does not import torch.
 """

@@ -19,6 +19,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agent.config import DEFAULT_STOP, PolicyConfig
+from agent.io import atomic_write_text
+from serving.settings import TOKEN_ENV_VAR
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what was expected."""
@@ -34,34 +38,6 @@ class ModelConfig(_Section):
     name: str = "smollm2-135m-instruct"
     # dtype of the learner's (and in-process policy's) weights; the loss path is set by `precision`
     dtype: Literal["float32", "bfloat16"] = "float32"
-    trust_remote_code: bool = False
-
-
-class VLLMConfig(_Section):
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    max_model_len: int = Field(4096, ge=128)
-    enforce_eager: bool = True
-    # ask vLLM for an fp32 LM head (hf_overrides head_dtype) so sampler log-probs match the learner
-    fp32_head: bool = True
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-
-
-class OpenAIConfig(_Section):
-    base_url: str = "http://127.0.0.1:8000/v1"
-    api_key_env: str = "OPENAI_API_KEY"
-    timeout_s: float = Field(120.0, gt=0)
-
-
-class PolicyConfig(_Section):
-    """The sampler that generates rollouts."""
-
-    backend: Literal["hf", "vllm", "openai"] = "hf"
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    vllm: VLLMConfig = VLLMConfig()
-    openai: OpenAIConfig = OpenAIConfig()
 
 
 class EnvConfig(_Section):
@@ -72,7 +48,7 @@ class EnvConfig(_Section):
     train_split: str = "train"
     # remote environment service replicas; empty -> environments run in this process
     urls: list[str] = Field(default_factory=list)
-    token_env: str = "EPRL_TOKEN"
+    token_env: str = TOKEN_ENV_VAR
 
 
 class RolloutConfig(_Section):
@@ -82,7 +58,7 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(96, ge=1, description="tokens per agent turn")
     max_context_tokens: int = Field(2048, ge=16)
     # a turn ends at the end of a code cell; EOS also ends it
-    stop: list[str] = Field(default_factory=lambda: ["\n```\n"])
+    stop: list[str] = Field(default_factory=lambda: list(DEFAULT_STOP))
     env_workers: int = Field(8, ge=1, description="threads stepping environments concurrently")
     max_parallel_episodes: int | None = Field(
         None,
@@ -90,6 +66,16 @@ class RolloutConfig(_Section):
         description="episodes rolled out at once; None -> 32 (hf) / 256 (vllm), and for AppWorld "
         "no more than its server pool (an episode holds a server from reset to end)",
     )
+
+    def budget(self) -> dict[str, Any]:
+        """The per-episode budget every rollout of a run shares (training, its evaluations,
+        the demo's): keyword arguments of :class:`agent.rollout.RolloutRunner`."""
+        return {
+            "max_turns": self.max_turns,
+            "max_new_tokens": self.max_new_tokens,
+            "max_context_tokens": self.max_context_tokens,
+            "stop": list(self.stop),
+        }
 
 
 class RepoConfig(_Section):
@@ -247,6 +233,11 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _held_out(self) -> RunConfig:
+        if self.policy.backend == "openai":
+            raise ValueError(
+                "policy.backend='openai' cannot be trained: a served checkpoint's weights do not "
+                "follow the learner's; use hf or vllm (openai is for `eprl eval`)"
+            )
         if self.env.train_split == self.eval.split:
             raise ValueError(
                 f"env.train_split and eval.split are both {self.eval.split!r}: the evaluation "
@@ -352,7 +343,4 @@ def load_config(
 
 def save_config(cfg: RunConfig, path: str | os.PathLike[str]) -> None:
     """Write the resolved config (every default filled in) atomically."""
-    p = Path(path)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    os.replace(tmp, p)
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -31,11 +31,11 @@ from trainer.learner import (
     MetricAccumulator,
     TorchLearner,
     TrainBatch,
-    loss_dtype,
     lr_lambda,
     micro_batches,
     micro_weight,
 )
+from trainer.precision import loss_compute_dtype
 
 
 def init_distributed(device: torch.device) -> None:
@@ -94,7 +94,11 @@ class DeepSpeedLearner(TorchLearner):
         self.lm = lm.to(device=device, dtype=torch.float32)
         # the bf16 engine casts the module; the FP32 path upcasts inside the head, no autocast
         self.module = LogprobModel(
-            self.lm, loss_dtype(cfg), cfg.precision.chunk_size, None, cfg.policy.temperature
+            self.lm,
+            loss_compute_dtype(cfg.precision),
+            cfg.precision.chunk_size,
+            None,
+            cfg.policy.temperature,
         )
         # objective.kl_coef's frozen reference: a full copy per rank (ZeRO-1/2; the config
         # refuses ZeRO-3), in the weights' dtype and outside the engine
@@ -138,7 +142,11 @@ class DeepSpeedLearner(TorchLearner):
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         out = metrics.result()
         out.update(
-            {"loss": total_loss, "grad/norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+            {
+                "loss/total": total_loss,
+                "grad/norm": grad_norm,
+                "optim/lr": self.scheduler.get_last_lr()[0],
+            }
         )
         finite = math.isfinite(total_loss)
         if not finite:

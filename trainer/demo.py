@@ -9,61 +9,36 @@ import math
 import time
 from pathlib import Path
 
+from agent.io import atomic_write_text
 from trainer.config import load_config
-from trainer.loop import cut_at_cap, new_run_dir, sampled_nll
+from trainer.episodes import cut_at_cap, sampled_entropy
+from trainer.logger import read_metrics
+from trainer.loop import new_run_dir
+from trainer.tasks import held_out_tasks, split_task_ids
 
 HELD_OUT_SPLIT = "test"
 
 
-def held_out_tasks(task_ids: list[str], num_tasks: int) -> list[str]:
-    """``num_tasks`` tasks taken in turn from each kind of the split (family and level: the id
-    up to its last ``/``), not the split's first ones, which are all of one kind."""
-    from trainer.evaluate import task_kinds
-
-    kinds = task_kinds(task_ids)
-    chosen: list[str] = []
-    for rank in range(max((len(members) for members in kinds.values()), default=0)):
-        for members in kinds.values():
-            if rank < len(members) and len(chosen) < num_tasks:
-                chosen.append(members[rank])
-    return chosen
-
-
 def _evaluate(trainer, split: str, num_tasks: int, k: int) -> dict[str, float]:
-    from trainer.evaluate import evaluate_policy
-    from trainer.loop import split_task_ids
+    from trainer.evaluation.runner import evaluate_policy
 
     cfg = trainer.cfg
     tasks = held_out_tasks(split_task_ids(trainer.make_env, split), num_tasks)
-    trainer.policy.temperature = cfg.eval.temperature
-    try:
-        summary, episodes = evaluate_policy(
-            trainer.policy,
-            trainer.make_env,
-            trainer.chat,
-            tasks,
-            k,
-            max_turns=cfg.rollout.max_turns,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            max_context_tokens=cfg.rollout.max_context_tokens,
-            stop=cfg.rollout.stop,
-            seed=cfg.seed + 424_242,
-            progress=cfg.logging.progress,
-        )
-    finally:
-        trainer.policy.temperature = cfg.policy.temperature
+    summary, episodes = evaluate_policy(
+        trainer.policy,
+        trainer.make_env,
+        trainer.chat,
+        tasks,
+        k,
+        temperature=cfg.eval.temperature,
+        seed=cfg.seed + 424_242,
+        progress=cfg.logging.progress,
+        **cfg.rollout.budget(),
+    )
     summary["entropy/sampled"] = sampled_entropy(episodes)
     summary["entropy/sampled_stopped"] = sampled_entropy(episodes, stopped_only=True)
     summary["stopped_frac"] = sum(not cut_at_cap(ep) for ep in episodes) / len(episodes)
     return summary
-
-
-def sampled_entropy(episodes, stopped_only: bool = False) -> float:
-    """Mean ``-log pi(token)`` over the sampled tokens of ``episodes`` (an estimate of the
-    per-token entropy, in nats); with ``stopped_only`` over the answers that ended before the
-    token cap only, the tokens an overlong-filtered run trains on and regulates. NaN if none."""
-    nll, tokens = sampled_nll(episodes, skip_cut=stopped_only)
-    return nll / tokens if tokens else float("nan")
 
 
 def run_demo(
@@ -103,11 +78,7 @@ def run_demo(
     console.print("[bold]3/3[/] evaluating the trained model on the same held-out tasks")
     after = _evaluate(trainer, HELD_OUT_SPLIT, num_tasks, k)
 
-    rows = [
-        json.loads(line)
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
+    rows = read_metrics(run_dir)
     entropies = [r["entropy/mean"] for r in rows if "entropy/mean" in r]
     targets = [
         r["entropy/target"] for r in rows if math.isfinite(r.get("entropy/target", math.nan))
@@ -138,7 +109,7 @@ def run_demo(
         "num_tasks": int(before["tasks"]),  # fewer than asked when the split has fewer
         "k": k,
     }
-    (Path(run_dir) / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(Path(run_dir) / "demo_summary.json", json.dumps(summary, indent=2))
 
     table = Table(
         title=f"held-out {HELD_OUT_SPLIT} split: {summary['num_tasks']} tasks x {k} samples (T={cfg.eval.temperature})"

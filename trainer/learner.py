@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from trainer.config import RunConfig
+from trainer.config import LoraConfig, RunConfig
 from trainer.objectives import LossInputs, policy_loss
-from trainer.precision import token_logprobs_and_entropy
+from trainer.precision import loss_compute_dtype, token_logprobs_and_entropy
 
 
 @dataclass
@@ -120,10 +120,6 @@ class LogprobModel(nn.Module):
         )
 
 
-def loss_dtype(cfg: RunConfig) -> torch.dtype:
-    return torch.bfloat16 if cfg.precision.loss == "bf16" else torch.float32
-
-
 def micro_batches(batch: TrainBatch, size: int) -> Iterator[TrainBatch]:
     for start in range(0, len(batch), size):
         yield batch.rows(slice(start, start + size))
@@ -173,7 +169,11 @@ class TorchLearner:
         self.lm = lm.to(device=device, dtype=torch.float32)
         autocast = torch.bfloat16 if cfg.model.dtype == "bfloat16" else None
         self.module = LogprobModel(
-            self.lm, loss_dtype(cfg), cfg.precision.chunk_size, autocast, cfg.policy.temperature
+            self.lm,
+            loss_compute_dtype(cfg.precision),
+            cfg.precision.chunk_size,
+            autocast,
+            cfg.policy.temperature,
         )
         self.reference = self._reference(reference, torch.float32, autocast)
         # what computes (logprobs, entropy): the module here, the DeepSpeed engine in the subclass
@@ -203,7 +203,7 @@ class TorchLearner:
         model = model.to(device=self.device, dtype=dtype).requires_grad_(False).eval()
         return LogprobModel(
             model,
-            loss_dtype(self.cfg),
+            loss_compute_dtype(self.cfg.precision),
             self.cfg.precision.chunk_size,
             autocast,
             self.cfg.policy.temperature,
@@ -236,7 +236,11 @@ class TorchLearner:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.grad_clip))
         out = metrics.result()
         out.update(
-            {"loss": total_loss, "grad/norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+            {
+                "loss/total": total_loss,
+                "grad/norm": grad_norm,
+                "optim/lr": self.scheduler.get_last_lr()[0],
+            }
         )
         if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -303,3 +307,37 @@ def lr_lambda(cfg: RunConfig, total_updates: int):
         return 1.0
 
     return factor
+
+
+def build_learner(
+    lm: nn.Module,
+    cfg: RunConfig,
+    device: torch.device,
+    total_updates: int,
+    reference: nn.Module | None = None,
+) -> TorchLearner:
+    """The learner ``trainer.learner`` names: torch (one process) or deepspeed (ZeRO 1/2/3)."""
+    if cfg.trainer.learner == "deepspeed":
+        from trainer.deepspeed_learner import DeepSpeedLearner
+
+        return DeepSpeedLearner(lm, cfg, device, total_updates, reference)
+    return TorchLearner(lm, cfg, device, total_updates, reference)
+
+
+def apply_lora(lm: nn.Module, lora: LoraConfig) -> nn.Module:
+    """Wrap ``lm`` with LoRA adapters (peft): only the adapters train; checkpoints merge them."""
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+    except ImportError as exc:
+        raise ImportError("trainer.lora.enabled needs peft: pip install -e .[lora]") from exc
+    return get_peft_model(
+        lm,
+        PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )

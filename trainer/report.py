@@ -1,26 +1,32 @@
-"""End-of-run report: ``report.md`` with PNG plots of reward, success, entropy (with its target)
-and clip fractions against steps, read back from ``metrics.jsonl``."""
+"""End-of-run report: ``report.md`` with PNG plots of reward, success, entropy (the learner's
+and the sampler's, with the controllers' target) and clip fractions against steps, read back
+from ``metrics.jsonl``."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from agent.io import atomic_write_text
+from trainer.logger import read_metrics
 
 PLOTS = {
     "reward.png": ("reward", ["reward/mean"]),
     "success.png": ("success rate", ["success/rate"]),
-    "entropy.png": ("entropy of sampled tokens (nats)", ["entropy/mean", "entropy/target"]),
+    "entropy.png": (
+        "entropy (nats per sampled token)",
+        ["entropy/mean", "entropy/sampler_nll", "entropy/target"],
+    ),
     "clip.png": ("clipped token fraction", ["clip/low_frac", "clip/high_frac"]),
     "eval.png": ("held-out evaluation", None),  # every eval/*/pass@* series
 }
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+# legend labels: the learner's entropy is of the full next-token distribution, the sampler's
+# NLL is -log pi_sampler of the tokens it drew (its expectation is the sampler's entropy)
+LABELS = {
+    "entropy/mean": "learner entropy (full distribution)",
+    "entropy/sampler_nll": "sampler NLL of sampled tokens",
+    "entropy/target": "controller target",
+}
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -55,7 +61,7 @@ def write_report(run_dir: Path) -> Path:
                     values,
                     style,
                     marker="o" if len(steps) < 30 else None,
-                    label=key,
+                    label=LABELS.get(key, key),
                     markersize=3,
                 )
                 drawn = True
@@ -74,6 +80,7 @@ def write_report(run_dir: Path) -> Path:
         "reward/mean",
         "success/rate",
         "entropy/mean",
+        "entropy/sampler_nll",
         "clip/low_frac",
         "clip/high_frac",
         "mismatch/kl",
@@ -87,8 +94,4 @@ def write_report(run_dir: Path) -> Path:
                 f"| {key} | {values[0]:.4f} (step {steps[0]}) | {values[-1]:.4f} (step {steps[-1]}) |"
             )
     lines = lines[:2] + summary + [""] + lines[2:]
-    out = run_dir / "report.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
-    return out
+    return atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")

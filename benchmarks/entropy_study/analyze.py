@@ -27,6 +27,9 @@ import yaml
 STUDY = Path(__file__).resolve().parent
 ROOT = STUDY.parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from trainer.logger import read_metrics  # noqa: E402
 
 ORDER = ["grpo", "dapo", "rloo_fp32", "rloo_bf16", "repo_r", "repo_d", "adapo"]
 LABELS = {
@@ -51,6 +54,7 @@ _RUN = re.compile(r"^(?P<method>[a-z0-9_]+)_s(?P<seed>\d+)$")
 
 
 def _rows(path: Path) -> list[dict]:
+    """The study's own attempt log (one JSON object per line)."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -77,7 +81,7 @@ def wall_seconds(run_dir: Path) -> float:
 
 def load_run(run_dir: Path, baseline: dict | None) -> dict | None:
     match = _RUN.match(run_dir.name)
-    rows = _rows(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir)
     if not match or not rows or not (run_dir / "config.yaml").exists():
         return None
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -44,7 +44,7 @@ STUDY = Path(__file__).resolve().parent
 ROOT = STUDY.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.evaluate import stratified_tasks  # noqa: E402  (re-exported for the tests)
+from trainer.tasks import stratified_tasks  # noqa: E402  (re-exported for the tests)
 
 METHODS = ["grpo", "dapo", "rloo_fp32", "repo_r", "repo_d", "adapo", "rloo_bf16"]
 SEED_METHODS = ("grpo", "repo_r")  # the pair the extra seeds are for
@@ -89,8 +89,10 @@ def _raise_on_sigterm() -> None:
 
 def run_one(args) -> int:
     """One method run (a child process): start, or resume from the last checkpoint."""
+    from trainer.checkpoint import latest_checkpoint
     from trainer.config import load_config
-    from trainer.loop import Trainer, latest_checkpoint, split_task_ids
+    from trainer.loop import Trainer
+    from trainer.tasks import split_task_ids
 
     _raise_on_sigterm()
     method, seed = args.one, args.seed
@@ -156,12 +158,11 @@ def run_one(args) -> int:
 
 def run_baseline(args) -> int:
     """The untrained model on the same held-out tasks (step 0 of every method), resumable."""
+    from agent.backends import build_policy
     from agent.chat import ChatFormat
-    from agent.models import load_model, load_tokenizer
-    from agent.policy import HFPolicy
     from trainer.config import load_config
-    from trainer.evaluate import run_evaluation
-    from trainer.loop import make_env_factory, split_task_ids
+    from trainer.evaluation.runner import run_evaluation
+    from trainer.tasks import make_env_factory, split_task_ids
 
     _raise_on_sigterm()
     cfg = load_config(
@@ -169,10 +170,8 @@ def run_baseline(args) -> int:
     )
     make_env = make_env_factory(cfg)
     tasks = stratified_tasks(split_task_ids(make_env, cfg.eval.split), args.eval_tasks_per_group)
-    tokenizer = load_tokenizer(cfg.model.name)
-    policy = HFPolicy(
-        load_model(cfg.model.name), tokenizer, cfg.eval.temperature, cfg.policy.top_p, seed=cfg.seed
-    )
+    policy = build_policy(cfg.policy, cfg.model.name, seed=cfg.seed)
+    tokenizer = policy.tokenizer
     settings = {
         "model": cfg.model.name,
         "env": cfg.env.id,
@@ -191,12 +190,10 @@ def run_baseline(args) -> int:
         cfg.eval.k,
         Path(args.runs_root) / "baseline.json",
         settings,
-        max_turns=cfg.rollout.max_turns,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        max_context_tokens=cfg.rollout.max_context_tokens,
-        stop=cfg.rollout.stop,
+        temperature=cfg.eval.temperature,
         seed=cfg.seed + 99_991,
         progress=False,
+        **cfg.rollout.budget(),
     )
     return 0
 
@@ -374,6 +371,7 @@ def status(args) -> int:
     print(f"driver: {'running, pid ' + str(pid) if pid and _pid_alive(pid) else 'not running'}")
     print(f"baseline: {'done' if (runs_root / 'baseline.json').exists() else 'not yet'}")
     from trainer.config import load_config
+    from trainer.logger import read_metrics
 
     for method, seed in plan(args):
         run_dir = runs_root / f"{method}_s{seed}"
@@ -381,13 +379,7 @@ def status(args) -> int:
             STUDY / "configs" / f"{method}.yaml", overrides_for(args, method, seed)
         ).steps
         done_steps = 0
-        if (run_dir / "metrics.jsonl").exists():
-            rows = [
-                json.loads(line)
-                for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                if line.strip()
-            ]
-            done_steps = max((r["step"] for r in rows), default=0)
+        done_steps = max((r["step"] for r in read_metrics(run_dir)), default=0)
         state = (
             "finished"
             if (run_dir / DONE).exists()

@@ -2,7 +2,7 @@
 
 - ``AppWorldEnv`` (``env.py``): the Gymnasium environment (LOOP's agent protocol, real engine).
 - ``AppWorldRuntime`` (``runtime.py``): the pool of AppWorld servers in the isolated venv.
-- ``make_data.py``: the offline data generator (runs inside the AppWorld venv).
+- ``make_data/``: the offline data generator (a package run inside the AppWorld venv).
 - ``cli.py``: ``eprl appworld setup | make-data | doctor``.
 """
 

@@ -2,7 +2,7 @@
 
 - ``setup()``: checks the isolated AppWorld venv and unpacks AppWorld's apps into it when needed
   (``appworld install``, offline); it never creates the venv (``make setup`` does).
-- ``make_data(out, seed, ...)``: runs ``make_data.py`` inside the AppWorld venv.
+- ``make_data(out, seed, ...)``: runs the ``make_data`` package inside the AppWorld venv.
 - ``doctor(root)``: what is installed, where the data is, and whether a server starts and runs
   a task.
 """
@@ -23,7 +23,10 @@ from envs.appworld.runtime import (
     resolve_root,
 )
 
-MAKE_DATA_SCRIPT = Path(__file__).with_name("make_data.py")
+# The generator runs as the top-level package ``make_data`` from this folder (``-m`` puts the
+# working directory on the path): ``-m envs.appworld.make_data`` would import ``envs``, which
+# needs gymnasium, absent from the AppWorld venv.
+MAKE_DATA_CWD = Path(__file__).parent
 
 # Run by the AppWorld venv's python: version, package folder, and whether the apps are unpacked.
 _PROBE = (
@@ -96,7 +99,8 @@ def make_data(
     target = Path(out).expanduser().absolute() if out else default_root()
     command = [
         str(executable),
-        str(MAKE_DATA_SCRIPT),
+        "-m",
+        "make_data",
         "--out",
         str(target),
         "--seed",
@@ -107,7 +111,7 @@ def make_data(
     env = {
         k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
     }
-    returncode = subprocess.run(command, env=env).returncode
+    returncode = subprocess.run(command, env=env, cwd=MAKE_DATA_CWD).returncode
     if returncode == 0 and target != default_root() and not os.environ.get("APPWORLD_ROOT"):
         print(
             f"use it with APPWORLD_ROOT={target} or gymnasium.make('eprl/AppWorld-v0', root='{target}')"

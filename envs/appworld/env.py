@@ -210,6 +210,31 @@ class AppWorldEnv(gym.Env):
         return list(self._task_ids[split])
 
     @property
+    def defaults(self) -> dict[str, int | None]:
+        """Budgets for an agent running this env (the keys are described in ``envs/defaults.py``).
+
+        - ``max_turns``: this env's ``max_turns`` (40 by default, LOOP's training budget).
+        - ``max_new_tokens``: 1500, LOOP's generation budget per turn (methods.md).
+        - ``max_context_tokens``: 16384 tokens of conversation; the caller caps it to the
+          model's window (the LOOP training configs use 32768).
+        - ``max_parallel_episodes``: the size of the server pool, since an episode holds one
+          server from ``reset`` to its end: ``len(server_urls)``, else ``max_servers``, else the
+          CPU count (the pool's own default).
+        """
+        pool = (
+            len(self._runtime_config["server_urls"] or [])
+            or self._runtime_config["max_servers"]
+            or os.cpu_count()
+            or 1
+        )
+        return {
+            "max_turns": self.max_turns,
+            "max_new_tokens": 1500,
+            "max_context_tokens": 16384,
+            "max_parallel_episodes": int(pool),
+        }
+
+    @property
     def experiment_name(self) -> str | None:
         """AppWorld's ``experiment_name`` of the current episode (unique per episode)."""
         return self._experiment_name

@@ -122,6 +122,32 @@ class CodeExecEnv(gym.Env):
         self._done = True
         self._latest_definition: str | None = None
 
+    @property
+    def defaults(self) -> dict[str, int | None]:
+        """Budgets for an agent running this env (the keys are described in ``envs/defaults.py``).
+
+        - ``max_turns``: this env's ``max_turns``.
+        - ``max_new_tokens``: 96 for procedural tasks, the budget the quick start and the
+          CodeExec configs train with (a reference solution is a one- to five-line function);
+          512 for HumanEval's longer functions.
+        - ``max_context_tokens``: 2048 single-turn (a prompt and one reply); multi-turn, 8192
+          for procedural tasks and 16384 for HumanEval's longer prompts. The caller caps it to
+          the model's window.
+        - ``max_parallel_episodes``: None: every episode has a sandbox of its own, so the env
+          sets no limit.
+        """
+        single_turn = self.max_turns == 1
+        if self.task_set == "procedural":
+            new_tokens, context = 96, 2048 if single_turn else 8192
+        else:
+            new_tokens, context = 512, 2048 if single_turn else 16384
+        return {
+            "max_turns": self.max_turns,
+            "max_new_tokens": new_tokens,
+            "max_context_tokens": context,
+            "max_parallel_episodes": None,
+        }
+
     # catalogue ---------------------------------------------------------------------------
     @property
     def splits(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""The REPL driver that runs *inside* the sandbox (see envs/sandbox.py for the host side).
+"""The REPL driver that runs *inside* the sandbox (``session.py`` is the host side).
 
 Standard library only, and nothing newer than Python 3.8: it runs on whatever interpreter the
 sandbox exposes, passed as ``python -I -S -X utf8 -c <this file> MAX_OUTPUT_CHARS REAP``.

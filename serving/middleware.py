@@ -1,0 +1,163 @@
+"""ASGI middleware of the service, outermost first: metrics, bearer auth, body limit.
+
+Plain ASGI classes rather than FastAPI dependencies so that they also cover what no route
+handles (a 404, a 405, /docs and /openapi.json) and refuse a request before its body is read.
+:class:`ServiceMetrics` holds the Prometheus metrics of one app.
+"""
+
+import hashlib
+import hmac
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.errors import error_response
+from serving.pool import SessionPool
+from serving.schemas import ErrorBody
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413 (checked on Content-Length and while reading)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = error_response(
+            413,
+            ErrorBody(
+                error="body_too_large",
+                detail=f"request body exceeds the limit of {self.max_bytes} bytes",
+            ),
+        )
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client disconnected before sending its body
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class BearerAuthMiddleware:
+    """With a token set, every path except /healthz needs ``Authorization: Bearer <token>``."""
+
+    open_paths = frozenset({"/healthz"})
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token_digest = hashlib.sha256(token.encode("ascii")).digest()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+        scheme, _, credentials = header.partition(b" ")
+        # constant time: comparing digests (equal lengths) with compare_digest reveals neither
+        # how much of the token matched nor its length
+        digest = hashlib.sha256(credentials.strip()).digest()
+        if scheme.lower() == b"bearer" and hmac.compare_digest(digest, self.token_digest):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401,
+            ErrorBody(error="unauthorized", detail="missing or wrong bearer token"),
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+
+class ServiceMetrics:
+    """Prometheus metrics of one app (its own registry, so several apps can share a process)."""
+
+    def __init__(self, pool: SessionPool) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "eprl_http_requests", "HTTP requests", ["route", "method", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "eprl_http_request_seconds", "HTTP request latency", ["route", "method"], registry=r
+        )
+        self.env_call_seconds = Histogram(
+            "eprl_env_call_seconds",
+            "latency of environment calls in the worker (create, reset, step)",
+            ["op"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.steps = Counter("eprl_env_steps", "env steps", ["env_id"], registry=r)
+        self.resets = Counter("eprl_env_resets", "env resets (episodes)", ["env_id"], registry=r)
+        self.sessions_created = Counter(
+            "eprl_sessions_created", "sessions created", ["env_id"], registry=r
+        )
+        self.sessions_ended = Counter(
+            "eprl_sessions_ended",
+            "sessions ended, by reason (client, idle, lost, timeout, shutdown)",
+            ["reason"],
+            registry=r,
+        )
+        self.errors = Counter("eprl_errors", "error responses by error code", ["error"], registry=r)
+        Gauge("eprl_sessions_active", "live sessions", registry=r).set_function(lambda: pool.active)
+        Gauge("eprl_sessions_max", "session bound", registry=r).set_function(
+            lambda: pool.max_sessions
+        )
+
+
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+
+
+class MetricsMiddleware:
+    """Counts every response (401 and 413 included) by route template, method and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            # label values must stay few: a fuzzer sends any method token
+            method = scope["method"] if scope["method"] in _HTTP_METHODS else "other"
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.request_seconds.labels(route, method).observe(
+                time.perf_counter() - started
+            )

@@ -1,0 +1,126 @@
+"""What the environment service is configured by: :class:`ServeSettings` and the served env ids.
+
+Also the one name of the token's environment variable (``TOKEN_ENV_VAR``), read by the server
+(``serve``) and the client (``RemoteEnv``) alike. Imports neither FastAPI nor gymnasium at module
+level, so the client can import it and stay light.
+"""
+
+import ipaddress
+import socket
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+TOKEN_ENV_VAR = "EPRL_TOKEN"
+MIN_TOKEN_CHARS = 16
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` names is a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False  # unresolvable: treat as exposed
+    return bool(addresses) and all(
+        ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses
+    )
+
+
+class ServeSettings(BaseModel):
+    """Everything the service is configured by (``eprl serve`` flags map onto these)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # bearer token; required whenever host is not a loopback address
+    token: SecretStr | None = None
+    max_sessions: int = Field(64, ge=1, le=4096)
+    # served env ids; None = every registered eprl/* id except eprl/Remote-v0 (a remote env
+    # inside the service would let clients make it connect anywhere)
+    env_ids: tuple[str, ...] | None = None
+    # modules imported to register env ids (in the server and, preloaded, in every worker)
+    env_modules: tuple[str, ...] = ("envs",)
+    call_timeout_s: float = Field(120.0, gt=0)
+    create_timeout_s: float = Field(120.0, gt=0)
+    idle_timeout_s: float = Field(600.0, gt=0)
+    reap_interval_s: float = Field(10.0, gt=0)
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    max_action_chars: int = Field(262_144, ge=1)
+    max_env_kwargs: int = Field(64, ge=0)
+    # kwargs clients may not send; the server passes its value (None: not passed, the env's
+    # default applies). These choose things on this host: CodeExec's `sandbox` could select the
+    # weaker rlimits-only isolation or another interpreter, AppWorld's `python`, `root` and
+    # `server_urls` a program, a directory or where to connect.
+    pinned_env_kwargs: dict[str, dict[str, JsonValue]] = Field(
+        default_factory=lambda: {
+            "eprl/CodeExec-v0": {"sandbox": None},
+            "eprl/AppWorld-v0": {"python": None, "root": None, "server_urls": None},
+        }
+    )
+    retry_after_s: int = Field(2, ge=1)
+    start_method: Literal["forkserver", "spawn"] = "forkserver"
+
+    @field_validator("token")
+    @classmethod
+    def _token_is_usable(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is None or not token.get_secret_value():
+            return None
+        value = token.get_secret_value()
+        if len(value) < MIN_TOKEN_CHARS or not value.isascii() or not value.isprintable():
+            raise ValueError(
+                f"the token must be at least {MIN_TOKEN_CHARS} printable ASCII characters "
+                "without spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        if " " in value:
+            raise ValueError("the token must not contain spaces")
+        return token
+
+    @model_validator(mode="after")
+    def _token_required_off_loopback(self) -> "ServeSettings":
+        if self.token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to serve on {self.host!r} without a token: binding to a non-loopback "
+                f"address requires a bearer token (--token or the {TOKEN_ENV_VAR} environment "
+                "variable), or bind to 127.0.0.1"
+            )
+        return self
+
+    def pinned_kwargs(self, env_id: str) -> dict[str, JsonValue]:
+        """The kwargs of ``env_id`` that clients may not send (None values: left to the env)."""
+        return self.pinned_env_kwargs.get(env_id, {})
+
+
+def served_env_ids(settings: ServeSettings) -> tuple[str, ...]:
+    """The env ids this service will create sessions for."""
+    from gymnasium.envs.registration import registry
+
+    for module in settings.env_modules:
+        __import__(module)
+    if settings.env_ids is not None:
+        unknown = [env_id for env_id in settings.env_ids if env_id not in registry]
+        if unknown:
+            raise ValueError(f"env ids not registered with gymnasium: {unknown}")
+        return tuple(settings.env_ids)
+    return tuple(
+        sorted(
+            env_id
+            for env_id in registry
+            if env_id.startswith("eprl/") and env_id != "eprl/Remote-v0"
+        )
+    )

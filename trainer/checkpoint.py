@@ -1,0 +1,106 @@
+"""Checkpoints: ``checkpoints/step_N/`` holds HF safetensors + tokenizer (loadable by
+transformers and vLLM as they are), ``trainer_state.pt`` (step, task cursor, controllers, RNGs)
+and the learner's optimizer state. Each is written to a temporary folder renamed when complete,
+so a run killed at any moment (SIGKILL included) resumes from its last complete checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agent.io import replace_dir
+from trainer.distributed import barrier
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+    )
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete ``checkpoints/step_N`` of a run, or None."""
+    steps = _step_dirs(run_dir / "checkpoints")
+    return steps[-1][1] if steps else None
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def export_weights(lm, weights: dict) -> dict:
+    """With LoRA, checkpoints hold merged full weights so transformers and vLLM load them as-is."""
+    if hasattr(lm, "merge_and_unload"):
+        return copy.deepcopy(lm).merge_and_unload().state_dict()
+    return weights
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    learner,
+    tokenizer,
+    trainer_state: dict,
+    save_optimizer: bool,
+    keep_last: int,
+    is_main: bool,
+) -> Path:
+    """Write ``checkpoints/step_N`` atomically (every rank calls it: the learner's state may be
+    sharded), then keep only the last ``keep_last`` checkpoints."""
+    folder = run_dir / "checkpoints"
+    final = folder / f"step_{step}"
+    tmp = folder / f".tmp_step_{step}"
+    weights = dict(learner.named_weights())
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        learner.lm.save_pretrained(
+            tmp, state_dict=export_weights(learner.lm, weights), safe_serialization=True
+        )
+        tokenizer.save_pretrained(tmp)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    barrier()
+    if save_optimizer:
+        learner.save_state(tmp)
+    barrier()
+    if is_main:
+        replace_dir(tmp, final)
+        for _, path in _step_dirs(folder)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / TRAINER_STATE, weights_only=False)
+
+
+def has_learner_state(checkpoint: Path) -> bool:
+    return (checkpoint / "learner.pt").exists() or (checkpoint / "deepspeed").exists()

@@ -1,0 +1,72 @@
+"""What the training loop needs of torch.distributed: the rank's device, rank and world size,
+and the few collectives every rank must call together (a flag or-ed, metrics averaged)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def pick_device(choice: str) -> torch.device:
+    """cpu, or this rank's GPU (LOCAL_RANK, set by the deepspeed launcher and torchrun)."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is available")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size): from the process group, else the launcher's variables, else (0, 1)."""
+    if is_distributed():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if is_distributed() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """``flag`` or-ed over the data-parallel ranks (itself in a single process)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Average metrics over data-parallel ranks (maxima for ``*/max``)."""
+    if not is_distributed():
+        return metrics
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    maxima = values.clone()
+    torch.distributed.all_reduce(values)
+    torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
+    return {
+        k: float(maxima[i] if k.endswith("/max") else values[i] / world) for i, k in enumerate(keys)
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
