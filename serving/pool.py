@@ -35,6 +35,7 @@ from serving.workers import (
     exit_description,
     job_main,
     start_process,
+    token_hidden,
     worker_main,
 )
 
@@ -162,7 +163,9 @@ class SessionPool:
         modules = ("gymnasium", *self.env_modules, *self.preload_modules)
         os.environ[PRELOAD_ENV_VAR] = ",".join(dict.fromkeys(modules))
         self._context.set_forkserver_preload(["serving._preload"])
-        forkserver.ensure_running()
+        # the forkserver's environment is every worker's starting one: no token in it
+        with token_hidden():
+            forkserver.ensure_running()
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         """Refuse new sessions, then close every environment (killing those that hang)."""

@@ -21,6 +21,10 @@ from pydantic import (
 
 TOKEN_ENV_VAR = "EPRL_TOKEN"
 MIN_TOKEN_CHARS = 16
+# The environments whose untrusted code runs sealed (envs/sandbox/, envs/appworld/sealed.py)
+# out of reach of whatever decides its reward: the only ones the service offers, since over the
+# network any other one is remote code execution on this host for whoever holds the token.
+SEALED_ENV_IDS = ("eprl/AppWorld-v0", "eprl/CodeExec-v0")
 
 
 def is_loopback(host: str) -> bool:
@@ -50,8 +54,9 @@ class ServeSettings(BaseModel):
     # bearer token; required whenever host is not a loopback address
     token: SecretStr | None = None
     max_sessions: int = Field(64, ge=1, le=4096)
-    # served env ids; None = every registered eprl/* id except eprl/Remote-v0 (a remote env
-    # inside the service would let clients make it connect anywhere)
+    # served env ids, a subset of SEALED_ENV_IDS; None = every registered one of them (never
+    # eprl/Remote-v0 either: a remote env inside the service would let clients make it connect
+    # anywhere)
     env_ids: tuple[str, ...] | None = None
     # modules imported to register env ids (in the server and, preloaded, in every worker)
     env_modules: tuple[str, ...] = ("envs",)
@@ -116,11 +121,11 @@ def served_env_ids(settings: ServeSettings) -> tuple[str, ...]:
         unknown = [env_id for env_id in settings.env_ids if env_id not in registry]
         if unknown:
             raise ValueError(f"env ids not registered with gymnasium: {unknown}")
+        unsealed = [env_id for env_id in settings.env_ids if env_id not in SEALED_ENV_IDS]
+        if unsealed:
+            raise ValueError(
+                f"env ids {unsealed} are not sealed environments: the service offers only "
+                f"{list(SEALED_ENV_IDS)}, whose code runs sandboxed away from their rewards"
+            )
         return tuple(settings.env_ids)
-    return tuple(
-        sorted(
-            env_id
-            for env_id in registry
-            if env_id.startswith("eprl/") and env_id != "eprl/Remote-v0"
-        )
-    )
+    return tuple(sorted(env_id for env_id in SEALED_ENV_IDS if env_id in registry))

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from envs.defaults import env_defaults
+from serving.settings import TOKEN_ENV_VAR
 
 log = logging.getLogger("eprl.serving")
 
@@ -167,6 +169,8 @@ def worker_main(
     conn: Connection, env_modules: tuple[str, ...], env_id: str, env_kwargs_json: str
 ) -> None:
     """Entry point of a session worker: build the env, then serve calls until close or EOF."""
+    # Env code runs here: it gets no bearer token, and neither does anything it starts.
+    os.environ.pop(TOKEN_ENV_VAR, None)
     # Ctrl-C reaches the whole process group; the server closes its workers in order itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     env = None
@@ -371,13 +375,26 @@ def _main_module_hidden() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
+@contextlib.contextmanager
+def token_hidden() -> Iterator[None]:
+    """Keep the bearer token out of the environment a worker starts with (hold _START_LOCK):
+    a spawned worker, or a forkserver started on demand, copies this process's environment,
+    and ``/proc/<pid>/environ`` would show it for the worker's whole life."""
+    token = os.environ.pop(TOKEN_ENV_VAR, None)
+    try:
+        yield
+    finally:
+        if token is not None:
+            os.environ[TOKEN_ENV_VAR] = token
+
+
 def start_process(
     context: multiprocessing.context.BaseContext, target: Callable[..., None], args: tuple
 ) -> Worker:
     parent_conn, child_conn = context.Pipe(duplex=True)
     process = context.Process(target=target, args=(child_conn, *args), daemon=True)
     try:
-        with _START_LOCK, _main_module_hidden():
+        with _START_LOCK, _main_module_hidden(), token_hidden():
             process.start()
     except OSError as exc:
         parent_conn.close()

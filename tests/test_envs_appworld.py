@@ -8,11 +8,13 @@ import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import gymnasium as gym
@@ -156,6 +158,26 @@ def test_missing_state_change_scores_only_no_op_tests(env, scenarios):
         4,
     )  # only "nothing else changed" holds
     assert reward == 0.25
+
+
+def test_doing_the_task_and_deleting_an_unrelated_note_scores_below_one(
+    env, appworld_root, scenarios
+):
+    task_id = task_of(scenarios, "noteappend")
+    env.reset(options={"task_id": task_id})
+    obs, *_ = run_cell(
+        env,
+        "passwords = {a['account_name']: a['password'] for a in apis.supervisor.show_account_passwords()}\n"
+        "token = apis.simple_note.login(username=apis.supervisor.show_profile()['email'],\n"
+        "    password=passwords['simple_note'])['access_token']\n"
+        "notes = apis.simple_note.search_notes(access_token=token, page_limit=20)\n"
+        "other = next(n for n in notes if n['title'] != 'Team Meeting Notes')\n"
+        "apis.simple_note.delete_note(note_id=other['note_id'], access_token=token)\n"
+        "print('deleted', other['title'])",
+    )
+    assert "deleted" in obs, obs
+    obs, reward, terminated, _, info = env.step(solution_action(appworld_root, task_id))
+    assert terminated and not info["success"] and 0 < reward < 1.0, (reward, info)
 
 
 def test_crash_then_recover(env, appworld_root, scenarios):
@@ -340,6 +362,168 @@ def test_hung_server_fails_the_episode_quickly(appworld_root, scenarios):
         httpd.shutdown()
 
 
+# ------------------------------------------------------------------ sealed: escape attempts
+# Cells an agent could send. AppWorld's own guard reads the code's text (it bans `open`,
+# `os.listdir`, `import socket`, ...) and swaps functions such as `os.fork`, `os.kill` or
+# `Path.read_bytes` for no-ops while a cell runs; `__import__` and the `posix` module get past
+# both, so each probe uses them and only the sandbox stands in the way.
+READ = "P = __import__('posix')\ndef read(path):\n    fd = P.open(path, P.O_RDONLY)\n    return P.read(fd, 1 << 20)\n"
+
+
+def _next_episode_is_normal(env, root: Path, scenarios) -> None:
+    task_id = task_of(scenarios, "venmopay", 3)
+    env.reset(options={"task_id": task_id})
+    obs, reward, terminated, truncated, info = env.step(solution_action(root, task_id))
+    assert (reward, terminated, info["success"]) == (1.0, True, True), obs[-500:]
+
+
+def test_sealed_cells_reach_no_host_socket(env, appworld_root, scenarios):
+    tcp = socket.create_server(("127.0.0.1", 0))
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    abstract.bind(f"\0eprl-probe-{uuid.uuid4().hex}")
+    abstract.listen(1)
+    for sock in (tcp, udp, abstract):
+        sock.setblocking(False)
+    env.reset(options={"task_id": task_of(scenarios, "address")})
+    obs, *_ = run_cell(
+        env,
+        f"s = __import__('socket')\n"
+        f"for family, kind, address in [(s.AF_INET, s.SOCK_STREAM, ('127.0.0.1', {tcp.getsockname()[1]})),\n"
+        f"        (s.AF_UNIX, s.SOCK_STREAM, {abstract.getsockname()!r})]:\n"
+        "    try:\n        s.socket(family, kind).connect(address); print('CONNECTED', address)\n"
+        "    except OSError as error:\n        print('refused', type(error).__name__)\n"
+        f"s.socket(s.AF_INET, s.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', {udp.getsockname()[1]}))\n"
+        "print('interfaces', [name for _, name in s.if_nameindex()])",
+    )
+    assert "CONNECTED" not in obs and obs.count("refused") == 2, obs
+    assert "interfaces ['lo']" in obs, obs  # a network namespace of its own
+    for accept in (tcp.accept, abstract.accept, lambda: udp.recvfrom(10)):
+        with pytest.raises(BlockingIOError):
+            accept()
+    for sock in (tcp, udp, abstract):
+        sock.close()
+    _next_episode_is_normal(env, appworld_root, scenarios)
+
+
+def test_sealed_cells_see_no_host_secret_and_no_host_process(appworld_root, scenarios, monkeypatch):
+    secret = f"eprl-secret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("EPRL_PROBE_SECRET", secret)  # before this env's own server starts
+    environment = gym.make("eprl/AppWorld-v0", root=str(appworld_root), max_servers=1)
+    try:
+        environment.reset(options={"task_id": task_of(scenarios, "address")})
+        obs, *_ = run_cell(
+            environment,
+            READ + "o = __import__('os')\n"
+            "pids = sorted(int(e.name) for e in P.scandir('/proc') if e.name.isdigit())\n"
+            "blobs = [read(f'/proc/{pid}/environ') for pid in pids]\n"
+            f"print('leak' if any({secret[::-1]!r}[::-1].encode() in b for b in blobs) else 'clean')\n"
+            "print('keys', sorted(o.environ))\nprint('pids', pids)\n"
+            f"try:\n    P.kill({os.getpid()}, 0); print('SIGNALLED')\n"
+            "except OSError as error:\n    print('no such process:', type(error).__name__)",
+        )
+        assert secret not in obs and "clean" in obs, obs
+        keys = eval(obs.split("keys ", 1)[1].splitlines()[0])
+        assert set(keys) <= {"APPWORLD_CACHE", "APPWORLD_ROOT", "HOME", "LANG", "PATH", "PWD"}
+        pids = eval(obs.split("pids ", 1)[1].splitlines()[0])
+        assert len(pids) <= 3, pids  # bwrap's init and the server: a pid namespace of its own
+        assert "SIGNALLED" not in obs and "ProcessLookupError" in obs, obs
+    finally:
+        environment.close()
+
+
+def test_sealed_cells_cannot_read_the_ground_truth_or_host_files(env, appworld_root, scenarios):
+    task_id, written = task_of(scenarios, "address"), uuid.uuid4().hex
+    library = str(resolve_python().parent.parent / "lib")  # AppWorld's code, not its data
+    env.reset(options={"task_id": task_id})
+    obs, *_ = run_cell(
+        env,
+        READ + f"for path in ['/aw/data/tasks/{task_id}/ground_truth/answer.json',\n"
+        f"             {str(appworld_root / 'data' / 'tasks' / task_id / 'ground_truth' / 'answer.json')!r},\n"
+        f"             {str(REPO / 'envs' / 'appworld' / 'env.py')!r}, '/etc/passwd', '/root']:\n"
+        "    try:\n        read(path); print('READ', path)\n"
+        "    except OSError as error:\n        print('absent', type(error).__name__, path)\n"
+        "found, todo = [], ['/']\nwhile todo:\n    top = todo.pop()\n"
+        "    for entry in P.scandir(top):\n"
+        f"        if entry.path in ('/proc', '/sys', '/usr', {library!r}):\n            continue\n"
+        "        if 'ground_truth' in entry.name or entry.name in ('answer.json', 'solution.py',\n"
+        "                'evaluation.py', 'private_data.json'):\n            found.append(entry.path)\n"
+        "        if entry.is_dir(follow_symlinks=False):\n            todo.append(entry.path)\n"
+        "print('found', found)\nprint('tasks', sorted(e.name for e in P.scandir('/aw/data/tasks')))\n"
+        f"fd = P.open('/tmp/{written}', P.O_WRONLY | P.O_CREAT)\nP.write(fd, b'x'); print('wrote /tmp')",
+    )
+    assert "READ" not in obs and obs.count("absent") == 5, obs
+    assert "found []" in obs and f"tasks ['{task_id}']" in obs, obs
+    assert "wrote /tmp" in obs and not (Path("/tmp") / written).exists()  # a private /tmp
+    obs, reward, terminated, _, info = run_cell(  # the only way to an answer is the task itself
+        env, "apis.supervisor.complete_task(answer=globals().get('answer'))"
+    )
+    assert terminated and (info["tests_passed"], info["tests_total"], reward) == (1, 2, 0.5)
+    _next_episode_is_normal(env, appworld_root, scenarios)
+
+
+def test_a_daemon_does_not_survive_close(appworld_root, scenarios):
+    marker = str(800_000 + uuid.uuid4().int % 99_999)
+    environment = gym.make("eprl/AppWorld-v0", root=str(appworld_root), max_servers=1)
+    try:
+        environment.reset(options={"task_id": task_of(scenarios, "address")})
+        run_cell(
+            environment,
+            "P = __import__('posix')\nif P.fork() == 0:\n    P.setsid()\n"
+            f"    if P.fork() == 0:\n        P.execv('/bin/sleep', ['sleep', '{marker}'])\n"
+            "    P._exit(0)",
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _sleeping(marker):
+            time.sleep(0.1)
+        assert _sleeping(marker)  # it runs, detached from the server, after its cell ended
+    finally:
+        environment.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _sleeping(marker):
+        time.sleep(0.1)
+    assert not _sleeping(marker)
+
+
+def _sleeping(marker: str) -> bool:
+    return any(
+        (process.info["cmdline"] or [])[-1:] == [marker]
+        for process in psutil.process_iter(["cmdline"])
+    )
+
+
+def test_alarm_off_and_a_loop_are_stopped_from_outside(env, appworld_root, scenarios):
+    environment = gym.make(
+        "eprl/AppWorld-v0",
+        root=str(appworld_root),
+        max_servers=2,  # the module's pool
+        cell_timeout_s=2,
+        request_margin_s=3.0,
+    )
+    try:
+        environment.reset(options={"task_id": task_of(scenarios, "address")})
+        victim = environment.unwrapped.server.process
+        started = time.monotonic()
+        with pytest.raises(AppWorldServerError, match="did not answer /execute"):
+            run_cell(environment, "__import__('signal').alarm(0)\nwhile True:\n    pass")
+        assert time.monotonic() - started < 20 and victim.poll() is not None
+    finally:
+        environment.close()
+    _next_episode_is_normal(env, appworld_root, scenarios)
+
+
+def test_a_memory_bomb_is_contained(env, appworld_root, scenarios):
+    env.reset(options={"task_id": task_of(scenarios, "address")})
+    obs, *_ = run_cell(env, "x = bytearray(8 << 30)")
+    assert "MemoryError" in obs, obs
+    obs, *_ = run_cell(env, "chunks = []\nwhile True:\n    chunks.append(bytearray(256 << 20))")
+    assert "MemoryError" in obs, obs
+    obs, *_ = run_cell(env, "del chunks\nprint('alive')")
+    assert obs.strip() == "alive"
+    _next_episode_is_normal(env, appworld_root, scenarios)
+
+
 # ------------------------------------------------------------------ no process left behind
 
 
@@ -351,32 +535,34 @@ def _gone(pid: int) -> bool:
 
 
 def test_dropped_env_and_interpreter_exit_leave_no_process_behind(appworld_root, scenarios):
-    """An env dropped mid-episode gives its server back; at exit the unclosed pool goes too."""
+    """An env dropped mid-episode gives its server back (a sealed server runs one episode, so
+    it is stopped and its slot refilled); at exit the unclosed pool (a spare too) goes too."""
     script = textwrap.dedent(f"""
-        import gc, gymnasium as gym, envs
+        import gc, gymnasium as gym, psutil, envs
         task = {{"task_id": {task_of(scenarios, "address")!r}}}
         dropped = gym.make("eprl/AppWorld-v0", root={str(appworld_root)!r}, max_servers=1)
         kept = gym.make("eprl/AppWorld-v0", root={str(appworld_root)!r}, max_servers=1)
         dropped.reset(options=task)
         runtime = kept.unwrapped.runtime  # the same shared pool
-        (pid,) = runtime.pids()
+        pid = dropped.unwrapped.server.process.pid
         del dropped
         gc.collect()
-        server = runtime.acquire(timeout_s=5)  # the pool's only server is free again
-        assert server.process.pid == pid
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        server = runtime.acquire(timeout_s=120)  # the pool's only slot is free again
         runtime.release(server)
         kept.reset(options=task)
-        print(pid, runtime.workdir, flush=True)
+        print(",".join(map(str, runtime.pids())), runtime.workdir, flush=True)
     """)
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    pid, workdir = result.stdout.split()
+    pids, workdir = result.stdout.split()
+    pids = [int(pid) for pid in pids.split(",")]  # the kept env's server, maybe a spare
     deadline = time.monotonic() + 10
-    while not _gone(int(pid)) and time.monotonic() < deadline:
+    while not all(map(_gone, pids)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _gone(int(pid)) and not Path(workdir).exists()
+    assert all(map(_gone, pids)) and not Path(workdir).exists()
 
 
 def test_close_leaves_no_process_behind(env):
@@ -384,7 +570,7 @@ def test_close_leaves_no_process_behind(env):
     env.reset()
     runtime = env.unwrapped.runtime
     pids, workdir = runtime.pids(), runtime.workdir
-    assert pids and workdir.is_dir() and (workdir / "data").is_symlink()
+    assert pids and workdir.is_dir() and (workdir / "shared" / "base_dbs").is_dir()
     env.close()
     assert all(_gone(pid) for pid in pids) and not workdir.exists()
     assert runtime.pids() == []

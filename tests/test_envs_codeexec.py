@@ -6,6 +6,7 @@ default mode (the ``bwrap`` fixture of conftest.py) skip (`apt-get install bubbl
 """
 
 import logging
+import math
 import random
 import subprocess
 import sys
@@ -19,9 +20,9 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import envs
-from envs.codeexec import CodeExecEnv, catalogue, procedural
+from envs.codeexec import CodeExecEnv, catalogue, plain_data, procedural
 from envs.codeexec.tasks import grade, humaneval_task, load_task, split_ids
-from envs.sandbox import SandboxConfig
+from envs.sandbox import PythonSandbox, SandboxConfig
 from envs.text import TEXT_CHARSET, extract_code_block, to_charset, truncate_text
 
 needs_bwrap = pytest.mark.usefixtures("bwrap")
@@ -174,7 +175,7 @@ def test_a_hostile_submission_scores_zero_without_hurting_the_host():
     assert grade(task, slow_tests, config).tests_passed == 0
 
 
-HUMANEVAL_SAMPLE = random.Random(4).sample(split_ids("humaneval")["test"], 10)
+HUMANEVAL_SAMPLE = random.Random(4).sample(split_ids("humaneval")["test"], 20)
 
 
 @needs_bwrap
@@ -206,6 +207,98 @@ def test_humaneval_wrong_solution_scores_below_one():
     assert 0 < result.reward < 1  # some of its asserts expect False
     assert grade(task, "").reward == 0.0  # the prompt's stub returns None
     assert task.tests_total == 7
+
+
+@needs_bwrap
+def test_humaneval_random_inputs_and_property_checks_grade_a_different_correct_answer():
+    """HumanEval/32 checks a property (any root of the polynomial), HumanEval/38 draws unseeded
+    random inputs: a correct solution unlike the canonical one still passes both."""
+    bisection = (
+        "def find_zero(xs):\n    lo, hi = -1e3, 1e3\n    for _ in range(200):\n"
+        "        mid = (lo + hi) / 2\n"
+        "        if (poly(xs, lo) > 0) == (poly(xs, mid) > 0):\n            lo = mid\n"
+        "        else:\n            hi = mid\n    return lo"
+    )
+    assert grade(humaneval_task("HumanEval/32"), bisection).reward == 1.0
+    twice = "def decode_cyclic(s):\n    return encode_cyclic(encode_cyclic(s))"
+    assert grade(humaneval_task("HumanEval/38"), twice).reward == 1.0
+
+
+def _graded_in_its_own_interpreter(task, code: str) -> int:
+    """Tests passed when check's statements run in the submission's interpreter (the design
+    HumanEval grading replaced): shows that an attack below would have worked."""
+    passed = 0
+    with PythonSandbox(SandboxConfig(), startup_code=task.setup_code) as box:
+        assert box.run_cell(code).ok
+        box.run_cell(f"{task.tests[0].code}\ncandidate = {task.entry_point}")
+        for test in task.tests[1:]:
+            passed += test.scored and box.run_cell(test.code).ok
+    return passed
+
+
+ALWAYS_EQUAL = """
+class Anything:
+    def __eq__(self, other):
+        return True
+    __ne__ = __lt__ = __gt__ = lambda self, other: False
+    __bool__ = lambda self: True
+
+def has_close_elements(numbers, threshold):
+    return Anything()
+"""
+GC_GRADER_PATCH = """
+import gc
+for found in gc.get_objects():
+    if type(found).__name__ == "Driver" and hasattr(found, "run_cell"):
+        type(found).run_cell = lambda self, code: (None, None)
+
+def has_close_elements(numbers, threshold):
+    return None
+"""
+FORGED_OUTCOMES = """
+import json
+__eprl_codec["run_calls"] = lambda function, calls: json.dumps(
+    [["ok", {"x": [1]}]] * len(json.loads(calls))  # the right count, not plain data
+)
+
+def has_close_elements(numbers, threshold):
+    return None
+"""
+
+
+@needs_bwrap
+@pytest.mark.parametrize(
+    "attack", [ALWAYS_EQUAL, GC_GRADER_PATCH], ids=["always-equal-object", "gc-grader-patch"]
+)
+def test_humaneval_tampering_scores_zero(attack):
+    task = humaneval_task("HumanEval/0")
+    assert _graded_in_its_own_interpreter(task, attack) == task.tests_total  # the attack is real
+    result = grade(task, attack)
+    assert (result.tests_passed, result.reward) == (0, 0.0), result
+
+
+@needs_bwrap
+def test_humaneval_forged_outcomes_are_refused_on_the_host():
+    result = grade(humaneval_task("HumanEval/0"), FORGED_OUTCOMES)
+    assert result.tests_passed == 0 and "refused" in result.first_failure
+
+
+def test_plain_data_round_trips_builtins_and_refuses_anything_else():
+    value = [None, True, 3, -0.0, float("inf"), "é\udcff", b"\x00", (1, [2]), {(1, 2): {3}},
+             frozenset({"a"}), {"k": []}]  # fmt: skip
+    decoded = plain_data.loads(plain_data.dumps(value))
+    assert decoded == value and [type(v) for v in decoded] == [type(v) for v in value]
+    assert math.isnan(plain_data.loads(plain_data.dumps(float("nan"))))
+
+    class Number(int):
+        pass
+
+    for foreign in (Number(1), object(), [iter([])], {"k": Number(2)}, range(3)):
+        with pytest.raises(plain_data.NotPlainData, match="is not plain data"):
+            plain_data.dumps(foreign)
+    for text in ("1.5", '{"x": 1}', '{"f": 1}', '{"d": [[[], 1]]}', "[NaN]", "nope", '{"t": 1}'):
+        with pytest.raises(plain_data.NotPlainData):
+            plain_data.loads(text)
 
 
 # single-turn protocol ---------------------------------------------------------------------

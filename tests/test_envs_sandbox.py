@@ -144,6 +144,23 @@ def test_writes_stay_inside(sandbox):
 
 
 @needs_bwrap
+def test_an_inode_bomb_stops_at_the_inode_limit():
+    """Empty files cost no bytes, so a size cap alone let one cell make 200,000 of them (~200 MiB
+    of kernel memory); /tmp and /dev/shm are now capped in inodes too (the root holds one)."""
+    bomb = (
+        "import errno, os\nmade = 0\ntry:\n    while made < 100_000:\n"
+        "        open(DIR + f'/f{made}', 'w').close()\n        made += 1\n"
+        "except OSError as error:\n    print(made, errno.errorcode[error.errno])"
+    )
+    with PythonSandbox(SandboxConfig(cell_timeout_s=20, tmpfs_inodes=500)) as box:
+        assert box.run_cell(bomb.replace("DIR", "'/tmp'")).output == "499 ENOSPC\n"
+        assert box.run_cell(bomb.replace("DIR", "'/dev/shm'")).output == "255 ENOSPC\n"
+        mounts = box.run_cell("print(open('/proc/self/mounts').read())").output
+        assert "nr_inodes=500" in mounts and "nr_inodes=256" in mounts
+        assert box.run_cell("import os; os.remove('/tmp/f0'); open('/tmp/x', 'w')").ok
+
+
+@needs_bwrap
 def test_file_size_limit():
     with PythonSandbox(SandboxConfig(file_size_mb=1, tmpfs_mb=64)) as box:
         assert (
@@ -340,6 +357,8 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown sandbox settings"):
         SandboxConfig.from_dict({"memory": 1})
     assert SandboxConfig.from_dict({"memory_mb": 256}).memory_mb == 256
+    with pytest.raises(ValueError, match="tmpfs_inodes must be an int >= 1, got 0"):
+        SandboxConfig(tmpfs_inodes=0)
 
 
 @needs_bwrap

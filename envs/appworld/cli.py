@@ -140,6 +140,7 @@ def doctor(root: str | None = None, python: str | None = None) -> int:
         print(f"data          : MISSING. {error}")
         return 1
     from envs.appworld.env import splits_of, task_ids_of
+    from envs.appworld.sealed import install_task
 
     generated = (data_root / "data" / "eprl_generated.json").is_file()
     splits = {split: len(task_ids_of(data_root, split)) for split in splits_of(data_root)}
@@ -158,7 +159,14 @@ def doctor(root: str | None = None, python: str | None = None) -> int:
         server = runtime.acquire()
         print(f"server        : started {server} in {time.perf_counter() - start:.1f}s")
         start = time.perf_counter()
-        server.call("initialize", timeout_s=300.0, task_id=task_id, experiment_name="eprl_doctor")
+        install_task(data_root, server.directory, task_id)
+        server.call(
+            "initialize",
+            timeout_s=300.0,
+            task_id=task_id,
+            experiment_name="eprl_doctor",
+            load_ground_truth=False,
+        )
         initialized = time.perf_counter() - start
         output = server.call(
             "execute",
@@ -166,8 +174,7 @@ def doctor(root: str | None = None, python: str | None = None) -> int:
             task_id=task_id,
             code="print(apis.supervisor.show_profile()['email'])",
         )
-        report = server.call("evaluate", timeout_s=300.0, task_id=task_id, suppress_errors=True)
-        server.call("close", timeout_s=60.0, task_id=task_id)
+        report = runtime.evaluate(server, task_id, "eprl_doctor", timeout_s=300.0)
         runtime.release(server)
         print(
             f"task          : {task_id} initialised in {initialized:.1f}s; a cell printed {output.strip()!r}; "

@@ -9,7 +9,13 @@ One episode is one AppWorld task on one server of the runtime (``runtime.py``):
 output, cut to ``max_observation_chars`` (12,000 characters, about 3K tokens, by default).
 The episode ends when the task reports completion (``terminated``) or after ``max_turns`` cells
 (``truncated``; 40 for training, LOOP evaluates with 50). At the end the task's unit tests run
-(``/evaluate``): reward = fraction passed, ``success`` = all passed.
+on the state the world saved after its last cell: reward = fraction passed, ``success`` = all
+passed.
+
+Local servers are sealed (``sealed.py``): the cells run in a bubblewrap sandbox, one per
+episode, with no network, no host secrets and no ground truth; the tests run afterwards in a
+separate sandboxed evaluator that never runs model code. ``server_urls`` servers are run and
+isolated by whoever runs them, and evaluate themselves.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from envs.appworld.runtime import (
     resolve_root,
     shared_runtime,
 )
+from envs.appworld.sealed import install_task
 from envs.text import extract_code_block, has_code_fence, text_space, to_charset, truncate_text
 
 ENV_ID = "eprl/AppWorld-v0"
@@ -89,7 +96,6 @@ class _Lease:
     def release_server(self, broken: bool) -> None:
         if self.server is not None and self.runtime is not None:
             self.runtime.release(self.server, broken=broken)
-            self.runtime.remove_outputs(self.experiment_name)
         self.server = None
 
     def give_back(self) -> None:
@@ -131,12 +137,15 @@ class AppWorldEnv(gym.Env):
         max_turns: code cells per episode before truncation (40 training, 50 evaluation).
         max_observation_chars: a cell's output is cut to this many characters (~3K tokens).
         max_action_chars: longer actions end the episode (``truncation_reason="action_too_long"``).
-        cell_timeout_s: AppWorld's own time limit for one cell.
+        cell_timeout_s: AppWorld's own time limit for one cell (a cell can switch that off
+            with ``signal.alarm(0)``; the limit below it cannot).
         request_margin_s: how much longer than AppWorld's own limits an HTTP call may take
-            before its server is presumed hung: the server is replaced and the episode fails.
+            before its server is presumed hung: the server (with every process of its
+            sandbox) is killed and the episode fails with ``AppWorldServerError``.
         python: the AppWorld venv (or its python); default ``$EPRL_APPWORLD_VENV``, else
             ``<repo>/.venv-appworld``.
-        max_servers: server processes of the shared pool (default: CPU count); environments of
+        max_servers: episodes the shared pool runs at once, one sealed server each (default:
+            CPU count), plus one spare server starting for the next episode; environments of
             one process with the same settings share the pool.
         server_urls: use these running ``appworld serve environment`` servers (same data)
             instead of starting local ones.
@@ -269,16 +278,18 @@ class AppWorldEnv(gym.Env):
         server = self.runtime.acquire()
         experiment_name = f"eprl_{os.getpid()}_{next(self._episode_counter)}_{uuid.uuid4().hex[:8]}"
         try:
+            if server.sealed:  # it holds no task until now, and never a ground truth
+                install_task(self.root, server.directory, task_id)
             task = server.call(
                 "initialize",
                 timeout_s=SLOW_CALL_S + self.request_margin_s,
                 task_id=task_id,
                 experiment_name=experiment_name,
                 timeout_seconds=self.cell_timeout_s,
+                load_ground_truth=not server.sealed,
             )
         except BaseException as error:
             self.runtime.release(server, broken=isinstance(error, AppWorldServerError))
-            self.runtime.remove_outputs(experiment_name)
             raise
         self._lease.server, self._task_id, self._experiment_name = server, task_id, experiment_name
         self._lease.experiment_name = experiment_name
@@ -361,9 +372,16 @@ class AppWorldEnv(gym.Env):
             raise
 
     def _finish(self, observation: str, terminated: bool, truncation_reason: str | None = None):
-        report = self._call(
-            "evaluate", timeout_s=SLOW_CALL_S + self.request_margin_s, suppress_errors=True
-        )
+        try:
+            report = self.runtime.evaluate(
+                self._lease.server,
+                self._task_id,
+                self._experiment_name,
+                timeout_s=SLOW_CALL_S + self.request_margin_s,
+            )
+        except AppWorldRuntimeError as error:
+            self._drop_server(broken=isinstance(error, AppWorldServerError))
+            raise
         passed, total = len(report["passes"]), int(report["num_tests"])
         extra = {
             "success": bool(report["success"]),

@@ -1,40 +1,44 @@
-"""The AppWorld runtime: a pool of AppWorld environment servers on loopback, one task per process.
+"""The AppWorld runtime: a pool of sealed AppWorld servers, one episode each, and their evaluator.
 
 AppWorld (``appworld==0.1.3.post1``) pins pydantic 1 and an old FastAPI, so it lives in its own
 venv (``.venv-appworld``) and eprl talks to it over HTTP only; nothing here imports ``appworld``.
 
 Design:
 
-- A server is the FastAPI app of ``appworld serve environment`` run by ``serve.py`` with the
-  AppWorld venv's python, on a socket this process binds on 127.0.0.1 (OS-chosen port, handed
-  over as a file descriptor). A server holds one task world at a time, so concurrency comes from
-  the number of servers. All servers of a runtime share one work directory: ``data`` is a
-  symlink to ``<root>/data`` (read only, real or generated data), and AppWorld's per-episode
-  outputs (``experiments/outputs/<experiment_name>``) and the server logs live beside it, so
-  the data directory is never written to. The work directory is removed on close.
-- The pool starts servers lazily, up to ``max_servers``; ``acquire`` hands out an idle server
-  (checking that it is alive and answers) or starts one, and blocks, with a timeout, while all
-  are busy.
+- A server is the FastAPI app of ``appworld serve environment`` run by ``serve.py`` inside a
+  bubblewrap sandbox of its own (``sealed.py``: no network, no ground truth, rlimits, its own
+  uid), serving a unix socket in its private directory. A server runs one episode and is
+  then killed; ``release`` starts a replacement in the background, so a ``reset`` normally
+  finds a fresh server waiting. All servers of a runtime share one work directory (the
+  task-independent data, ``serve.py``, one directory per server, the evaluator's inbox, the
+  logs); it is removed on close.
+- The reward comes from ``evaluate``: the saved end state of the episode is copied out of the
+  server's directory and evaluated by one sandboxed evaluator process per runtime, which holds
+  the ground truth and never runs model code.
+- The pool starts servers lazily; at most ``max_servers`` run episodes at once, plus one spare
+  starting or waiting for the next episode. ``acquire`` hands out an idle server (checking that
+  it is alive and answers) or starts one, and blocks, with a timeout, while ``max_servers`` are
+  busy.
 - A server that dies or stops answering fails the request in flight with
   ``AppWorldServerError`` (a clear message naming the server, the task and the log tail; never
-  a hang: every request has a timeout). The caller releases it as broken; the pool kills it and
-  starts a fresh one on the next ``acquire``.
-- No process is left behind: each server runs in its own process group, which ``close`` kills;
-  a ``weakref.finalize`` does the same when the runtime is garbage collected or the interpreter
-  exits; and each server exits by itself when its parent process disappears (even after
-  SIGKILL), see ``serve.py``.
+  a hang: every request has a timeout, which is also how a cell's time limit is enforced from
+  outside the sandbox). The caller releases it as broken; the pool kills it.
+- No process is left behind: each server runs in its own process group, which ``close`` kills
+  (bubblewrap's ``--die-with-parent`` takes the sandbox with it); a ``weakref.finalize`` does
+  the same when the runtime is garbage collected or the interpreter exits, and the sandboxes
+  die with this process even after SIGKILL.
 - ``server_urls`` instead uses servers someone else runs (``appworld serve environment`` on
   other hosts or in Docker, over the same data): they are never started, restarted or killed
-  here.
+  here, they are *not* sealed by eprl, and their own ``/evaluate`` gives the reward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -46,9 +50,11 @@ from typing import Any
 
 import httpx
 
+from envs.appworld import sealed
+
+logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VENV = REPO_ROOT / ".venv-appworld"
-SERVE_SCRIPT = Path(__file__).with_name("serve.py")
 APPWORLD_VERSION = "0.1.3.post1"
 
 
@@ -115,16 +121,32 @@ class AppWorldServer:
     """One AppWorld environment server: a process this runtime started, or a given URL."""
 
     def __init__(
-        self, url: str, process: subprocess.Popen | None = None, log_path: Path | None = None
+        self,
+        url: str,
+        process: subprocess.Popen | None = None,
+        log_path: Path | None = None,
+        directory: Path | None = None,
     ):
         self.url = url
         self.process = process
         self.log_path = log_path
-        self._client = httpx.Client(base_url=url, timeout=30.0, trust_env=False)
+        self.directory = directory  # a sealed server's private directory; None for a URL
+        transport = None
+        if directory is not None:
+            transport = httpx.HTTPTransport(uds=str(directory / sealed.SOCKET_NAME))
+        self._client = httpx.Client(
+            base_url=url, timeout=30.0, trust_env=False, transport=transport
+        )
+
+    @property
+    def sealed(self) -> bool:
+        """Whether this server is a sandbox this runtime started (else someone else's URL)."""
+        return self.directory is not None
 
     def __repr__(self) -> str:
-        pid = f", pid {self.process.pid}" if self.process else ""
-        return f"AppWorld server at {self.url}{pid}"
+        if self.sealed:
+            return f"sealed AppWorld server {self.directory.name} (pid {self.process.pid})"
+        return f"AppWorld server at {self.url}"
 
     def alive(self) -> bool:
         return self.process is None or self.process.poll() is None
@@ -206,7 +228,13 @@ def _kill_process_groups(processes: list[subprocess.Popen], grace_s: float = 2.0
             process.wait(timeout=1.0)
 
 
-def _shutdown(processes: list[subprocess.Popen], workdir: dict[str, Path | None]) -> None:
+def _shutdown(
+    processes: list[subprocess.Popen],
+    workdir: dict[str, Path | None],
+    evaluator: dict[str, sealed.Evaluator | None],
+) -> None:
+    if evaluator.get("evaluator") is not None:
+        evaluator["evaluator"].kill()
     _kill_process_groups(processes)
     processes.clear()
     if workdir.get("path") is not None:
@@ -242,14 +270,28 @@ class AppWorldRuntime:
         self.acquire_timeout_s = acquire_timeout_s
         self._condition = threading.Condition()
         self._idle: list[AppWorldServer] = []
-        self._n_servers = 0  # started or starting
+        self._n_servers = 0  # started or starting, idle or busy
+        self._busy = 0  # handed out by acquire (or reserved for it), not yet released
+        # sealed servers run one episode each, so one more than max_servers may exist: a spare
+        # that starts while max_servers episodes run
+        self._capacity = self.max_servers + (0 if self.server_urls else 1)
         self._unused_urls = list(self.server_urls)
         self._closed = False
         self._users = 0
         # shared with the finalizer, which must not hold a reference to self
         self._processes: list[subprocess.Popen] = []
         self._workdir: dict[str, Path | None] = {"path": None}
-        self._finalizer = weakref.finalize(self, _shutdown, self._processes, self._workdir)
+        self._evaluator: dict[str, sealed.Evaluator | None] = {"evaluator": None}
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._processes, self._workdir, self._evaluator
+        )
+        self.bwrap = None if self.server_urls else shutil.which("bwrap")
+        if not self.server_urls and self.bwrap is None:
+            raise AppWorldRuntimeError(
+                "bubblewrap (bwrap) is not installed, and local AppWorld servers run sealed in "
+                "it: `sudo apt-get install bubblewrap` (Debian/Ubuntu), or give server_urls of "
+                "servers you run and isolate yourself"
+            )
 
     def __repr__(self) -> str:
         where = (
@@ -259,7 +301,8 @@ class AppWorldRuntime:
 
     @property
     def workdir(self) -> Path | None:
-        """The servers' AppWorld root (``data`` symlink, experiment outputs, logs); None for URLs."""
+        """The sealed servers' shared work directory (``shared/`` data, ``servers/``, ``inbox/``,
+        ``logs/``); None before the first server and for URLs."""
         return self._workdir["path"]
 
     def pids(self) -> list[int]:
@@ -272,7 +315,10 @@ class AppWorldRuntime:
         deadline = time.monotonic() + timeout_s
         while True:
             with self._condition:
-                while not self._idle and self._n_servers >= self.max_servers and not self._closed:
+                while not self._closed and (
+                    self._busy >= self.max_servers
+                    or (not self._idle and self._n_servers >= self._capacity)
+                ):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise AppWorldRuntimeError(
@@ -285,11 +331,15 @@ class AppWorldRuntime:
                 server = self._idle.pop() if self._idle else None
                 if server is None:
                     self._n_servers += 1  # reserve the slot; start outside the lock
+                self._busy += 1
             if server is None:
                 break
             if server.healthy():  # outside the lock: a wedged server must not block the pool
+                if server.sealed:  # the next episode's server starts while this one runs
+                    self._refill()
                 return server
             with self._condition:
+                self._busy -= 1
                 doomed = self._forget(server)
             if doomed is not None:
                 _kill_process_groups([doomed])
@@ -298,28 +348,65 @@ class AppWorldRuntime:
         except BaseException:
             with self._condition:
                 self._n_servers -= 1
+                self._busy -= 1
                 self._condition.notify()
             raise
         with self._condition:
             closed = self._closed  # closed while this server was starting?
+            if closed:
+                self._busy -= 1
             doomed = self._forget(server) if closed else None
         if closed:
             if doomed is not None:
                 _kill_process_groups([doomed])
             raise AppWorldRuntimeError(f"{self} was closed while a server was starting")
+        if server.sealed:
+            self._refill()
         return server
 
     def release(self, server: AppWorldServer, broken: bool = False) -> None:
-        """Give a server back; a broken or dead one is stopped and replaced on demand."""
+        """Give a server back. A sealed server ran its one episode: it is stopped and a fresh
+        one starts in the background; a broken or dead URL is dropped until it answers."""
         doomed = None
         with self._condition:
-            if broken or self._closed or not server.alive():
+            self._busy -= 1
+            if server.sealed or broken or self._closed or not server.alive():
                 doomed = self._forget(server)
             else:
                 self._idle.append(server)
             self._condition.notify()
         if doomed is not None:
             _kill_process_groups([doomed])
+        if server.sealed:
+            shutil.rmtree(server.directory, ignore_errors=True)
+            self._refill()
+
+    def evaluate(
+        self, server: AppWorldServer, task_id: str, experiment_name: str, timeout_s: float
+    ) -> dict[str, Any]:
+        """AppWorld's test report (``passes``, ``failures``, ``num_tests``, ``success``, ...)
+        of the episode ``experiment_name`` on ``server``. A sealed server's saved state goes
+        to the sandboxed evaluator; a URL's server evaluates itself (``/evaluate``)."""
+        if not server.sealed:
+            return server.call(
+                "evaluate", timeout_s=timeout_s, task_id=task_id, suppress_errors=True
+            )
+        inbox = self.workdir / "inbox"
+        with self._condition:
+            if self._evaluator["evaluator"] is None:
+                self._evaluator["evaluator"] = sealed.Evaluator(
+                    self.root, self.python, inbox, self.bwrap, self.workdir / "logs" / "eval.log"
+                )
+            evaluator = self._evaluator["evaluator"]
+        try:
+            sealed.collect_saved_state(server.directory, inbox, task_id, experiment_name)
+            return evaluator.evaluate(task_id, experiment_name, timeout_s)
+        except (OSError, RuntimeError) as error:
+            raise AppWorldRuntimeError(
+                f"evaluating episode {experiment_name} (task {task_id}) failed: {error}"
+            ) from error
+        finally:
+            shutil.rmtree(inbox / "experiments" / "outputs" / experiment_name, ignore_errors=True)
 
     def close(self) -> None:
         """Stop every server this runtime started and remove its work directory. Idempotent."""
@@ -356,48 +443,28 @@ class AppWorldRuntime:
                 )
             return server
         workdir = self._ensure_workdir()
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(128)
-            port = listener.getsockname()[1]
-            log_path = workdir / "logs" / f"server-{port}.log"
-            env = {
-                k: v
-                for k, v in os.environ.items()
-                if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
-            }
-            env.update(APPWORLD_ROOT=str(workdir), PYTHONUNBUFFERED="1")
-            with open(log_path, "ab") as log:
-                process = subprocess.Popen(
-                    [
-                        str(self.python),
-                        str(SERVE_SCRIPT),
-                        "--fd",
-                        str(listener.fileno()),
-                        "--root",
-                        str(workdir),
-                        "--parent-pid",
-                        str(os.getpid()),
-                        "--remove-root-when-orphaned",
-                    ],
-                    pass_fds=(listener.fileno(),),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=workdir,
-                    env=env,
-                    start_new_session=True,
-                )
-        finally:
-            listener.close()  # the child holds its own copy
-        self._processes.append(process)
-        server = AppWorldServer(f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+            process, directory, log_path = sealed.start_server(
+                workdir, self.bwrap, self.python.parent.parent
+            )
+        except (sealed.SealedSetupError, OSError) as error:
+            raise AppWorldRuntimeError(f"cannot start a sealed AppWorld server: {error}") from None
+        with self._condition:
+            closed = self._closed
+            if not closed:
+                self._processes.append(process)
+        if closed:  # close() ran while this one started: it is not ours to keep
+            _kill_process_groups([process])
+            raise AppWorldRuntimeError(f"{self} was closed while a server was starting")
+        server = AppWorldServer(
+            "http://appworld", process=process, log_path=log_path, directory=directory
+        )
         try:
             server.wait_ready(self.start_timeout_s)
         except BaseException:
             server.close_client()
             _kill_process_groups([process])
+            shutil.rmtree(directory, ignore_errors=True)
             with contextlib.suppress(ValueError):
                 self._processes.remove(process)
             raise
@@ -405,20 +472,39 @@ class AppWorldRuntime:
 
     def _ensure_workdir(self) -> Path:
         with self._condition:
+            if self._closed:  # a spare starting while the runtime closes must not make another
+                raise AppWorldRuntimeError(f"{self} is closed")
             if self._workdir["path"] is None:
                 path = Path(tempfile.mkdtemp(prefix="eprl-appworld-"))
-                (path / "data").symlink_to(self.root / "data", target_is_directory=True)
                 (path / "logs").mkdir()
-                (path / "experiments" / "outputs").mkdir(parents=True)
+                sealed.prepare_workdir(path, self.root)
                 self._workdir["path"] = path
             return self._workdir["path"]
 
-    def remove_outputs(self, experiment_name: str) -> None:
-        """Delete one episode's AppWorld outputs (only for servers this runtime started)."""
-        if self.workdir is not None and experiment_name and "/" not in experiment_name:
-            shutil.rmtree(
-                self.workdir / "experiments" / "outputs" / experiment_name, ignore_errors=True
-            )
+    def _refill(self) -> None:
+        threading.Thread(target=self._start_spare, daemon=True).start()
+
+    def _start_spare(self) -> None:
+        """Start a server for the next episode while nobody waits for it (in a thread)."""
+        with self._condition:
+            if self._closed or self._n_servers >= self._capacity:
+                return
+            self._n_servers += 1
+        try:
+            server = self._start_server()
+        except Exception as error:  # noqa: BLE001 (the next acquire starts one and reports)
+            logger.debug("a spare AppWorld server did not start: %s", error)
+            with self._condition:
+                self._n_servers -= 1
+                self._condition.notify()
+            return
+        with self._condition:
+            doomed = self._forget(server) if self._closed else None
+            if doomed is None:
+                self._idle.append(server)
+            self._condition.notify()
+        if doomed is not None:
+            _kill_process_groups([doomed])
 
     # ------------------------------------------------------------ sharing between environments
 

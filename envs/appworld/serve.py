@@ -1,58 +1,35 @@
-"""Serve AppWorld's environment HTTP app on a socket handed over by the parent (AppWorld venv only).
+"""Serve AppWorld's environment HTTP app on a unix socket, inside the sealed sandbox (AppWorld's
+packages only; see sealed.py).
 
-``runtime.py`` runs this file with the AppWorld venv's python::
+``sealed.py`` runs this file in a bubblewrap sandbox with a system interpreter::
 
-    python serve.py --fd FD --root ROOT --parent-pid PID
+    python -I -S -B -u serve.py --fd FD --root ROOT --site-packages DIR
 
 It serves the same FastAPI app as ``appworld serve environment --port P --root R``
 (``appworld.serve.environment:app``: /initialize, /execute, /evaluate, /task_completed, /close,
-...), with two differences that matter when a trainer starts many of them:
+...), with differences that matter here:
 
-- the listening socket is bound by the parent on 127.0.0.1 with an OS-chosen port and passed
-  in as ``--fd``, so there is no port race between parallel starts and nothing listens beyond
-  loopback (AppWorld's own CLI binds 0.0.0.0, which would expose code execution to the network);
-- a watchdog thread exits the process when its parent goes away, even if the parent was killed
-  with SIGKILL and could not run its own cleanup (and then removes the parent's temporary work
-  directory when told to with ``--remove-root-when-orphaned``).
+- it serves the listening unix socket ``--fd`` that the host bound outside the sandbox and never
+  binds a port: the sandbox has no network, and AppWorld's own CLI binds 0.0.0.0, which would
+  expose code execution to the network;
+- ``--site-packages`` adds the AppWorld venv's packages to the interpreter (the sandbox runs a
+  system one its unprivileged uid can read; the venv's own may live under a mode-0700 home);
+- it imports every app before it answers, so "GET / answers" means ready. It needs no watchdog
+  of its parent: bubblewrap's ``--die-with-parent`` takes the whole sandbox down with it.
 """
 
 import argparse
-import os
-import shutil
+import site
 import socket
-import threading
-import time
-
-
-def _exit_when_orphaned(parent_pid: int, work_dir: str | None) -> None:
-    while True:
-        if os.getppid() != parent_pid:
-            if work_dir:  # the parent could not remove its work directory; the servers do
-                shutil.rmtree(work_dir, ignore_errors=True)
-            os._exit(0)
-        time.sleep(1.0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--fd", type=int, required=True, help="listening socket inherited from the parent"
-    )
-    parser.add_argument(
-        "--root", required=True, help="AppWorld root (holds data/ and experiments/)"
-    )
-    parser.add_argument("--parent-pid", type=int, required=True)
-    parser.add_argument(
-        "--remove-root-when-orphaned",
-        action="store_true",
-        help="the root is the parent's temporary work directory: delete it if the parent dies",
-    )
+    parser.add_argument("--fd", type=int, required=True, help="the listening socket to serve")
+    parser.add_argument("--root", required=True, help="AppWorld root (data/ and experiments/)")
+    parser.add_argument("--site-packages", required=True, help="the AppWorld venv's packages")
     args = parser.parse_args()
-    work_dir = args.root if args.remove_root_when_orphaned else None
-    threading.Thread(
-        target=_exit_when_orphaned, args=(args.parent_pid, work_dir), daemon=True
-    ).start()
-    listening = socket.socket(fileno=args.fd)
+    site.addsitedir(args.site_packages)
 
     from appworld import update_root
 
@@ -63,12 +40,12 @@ def main() -> None:
     from appworld.serve.environment import app
 
     # Import every app now (the bulk of a cold start) so that the first /initialize is as fast
-    # as the later ones and "answers GET /" means "ready".
+    # as the later ones.
     for app_name in get_all_apps():
         import_apis_module(app_name)
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=600)
-    uvicorn.Server(config).run(sockets=[listening])
+    uvicorn.Server(config).run(sockets=[socket.socket(fileno=args.fd)])
 
 
 if __name__ == "__main__":

@@ -1,21 +1,31 @@
 """Task sets of the code-execution env and how a submission is graded.
 
 A ``Task`` is what the env shows (``description``), what runs before the agent's code
-(``setup_code``) and the hidden tests. Grading runs setup + submission + tests in a *fresh*
-sandbox, never in the host process:
-- procedural tests call the function and send back the repr of its result; the host compares it
-  with the expected value (which never enters the sandbox), type-strictly, floats to 1e-6;
+(``setup_code``) and the hidden tests. Grading never runs the agent's code in the host process,
+and never lets it share an interpreter with whatever decides pass or fail:
+- procedural tests call the function in a fresh sandbox and send back the repr of its result;
+  the host compares it with the expected value (which never enters the sandbox), type-strictly,
+  floats to 1e-6;
 - HumanEval tests are the statements of the problem's ``check(candidate)`` that contain an
-  ``assert`` (one test each; ``assert True`` does not count), run in order at module level with
-  ``candidate`` bound to the entry point; the other statements of ``check`` run as unscored setup.
-  These asserts run in the same process as the submission, so a submission that tampers with the
-  interpreter could fake a pass (a known limit of in-process tests; procedural grading is immune).
-A test that times out or kills the session fails; the session is rebuilt (setup, submission and
-the earlier unscored statements) before the next test. A submission whose own cell kills the
-session fails every test.
+  ``assert`` (one test each; ``assert True`` does not count); its other statements are unscored
+  setup. Three interpreters, each in its own sandbox: (1) a reference run executes ``check``
+  with the canonical solution behind a recorder and keeps the arguments of every call, per
+  statement (``random`` seeded per statement, so unseeded random inputs repeat; cached per task);
+  (2) the submission's sandbox calls the agent's function on exactly those arguments and returns
+  the outcomes as plain data (``plain_data.py``: builtin types only, anything else refused, and
+  validated again on the host); (3) the grader's sandbox, which never holds agent code, runs
+  ``check`` again with ``candidate`` replaced by a replay of those outcomes, so every assert keeps
+  HumanEval's own semantics (tolerances, property checks such as ``find_zero``'s). A submission
+  can only claim output values; an object with an always-true ``__eq__`` is refused at the
+  boundary, and patching its own interpreter (e.g. the REPL found through ``gc``) reaches no
+  grader.
+A test that times out or kills the session fails; the session is rebuilt (setup, submission and,
+for the grader, the earlier unscored statements) before the next test. A submission whose own
+cell kills the session fails every test.
 """
 
 import ast
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -24,8 +34,8 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 
-from envs.codeexec import procedural
-from envs.sandbox import CellResult, PythonSandbox, SandboxConfig
+from envs.codeexec import plain_data, procedural
+from envs.sandbox import CellResult, PythonSandbox, SandboxConfig, SandboxError
 
 TASK_SETS = ("procedural", "humaneval")
 DEFAULT_SPLIT = {"procedural": "train", "humaneval": "test"}
@@ -125,13 +135,13 @@ def humaneval_problems() -> dict[str, dict]:
 
 
 def _humaneval_tests(problem: dict) -> tuple[TestCase, ...]:
+    """The module-level code around ``check`` (unscored), then each statement of its body."""
     module = ast.parse(problem["test"])
     check = next(
         node for node in module.body if isinstance(node, ast.FunctionDef) and node.name == "check"
     )
     prelude = [node for node in module.body if node is not check]
-    prelude_code = ast.unparse(ast.Module(body=prelude, type_ignores=[])) if prelude else ""
-    cells = [TestCase(code=f"{prelude_code}\ncandidate = {problem['entry_point']}", scored=False)]
+    cells = [TestCase(code=ast.unparse(ast.Module(body=prelude, type_ignores=[])), scored=False)]
     for statement in check.body:
         asserts = [node for node in ast.walk(statement) if isinstance(node, ast.Assert)]
         trivial = isinstance(statement, ast.Assert) and isinstance(statement.test, ast.Constant)
@@ -209,26 +219,147 @@ def _passed(test: TestCase, result: CellResult) -> bool:
 
 
 def grade(task: Task, code: str, config: SandboxConfig | None = None) -> GradeResult:
-    """Run ``code`` (the agent's submission) against the task's hidden tests in a fresh sandbox."""
-    passed, first_failure, setup_done = 0, None, []
+    """Run ``code`` (the agent's submission) against the task's hidden tests in sandboxes."""
+    if task.task_set == "humaneval":
+        return _grade_humaneval(task, code, config or SandboxConfig())
+    passed, first_failure = 0, None
     with PythonSandbox(config, startup_code=task.setup_code) as sandbox:
-
-        def load() -> CellResult:
-            submission = sandbox.run_cell(code)
-            for earlier in setup_done:
-                sandbox.run_cell(earlier.code)
-            return submission
-
-        if load().session_lost:
+        if sandbox.run_cell(code).session_lost:
             return GradeResult(0, task.tests_total, "the submission's own cell killed the session")
         for test in task.tests:
             result = sandbox.run_cell(test.code)
-            if not test.scored:
-                setup_done.append(test)
-            elif _passed(test, result):
+            if _passed(test, result):
                 passed += 1
             elif first_failure is None:
                 first_failure = f"{test.code}\n{result.render()}"
-            if result.session_lost and load().session_lost:
+            if result.session_lost and sandbox.run_cell(code).session_lost:
                 break
     return GradeResult(passed, task.tests_total, first_failure)
+
+
+# HumanEval grading: reference run, submission run, grader run (see the module docstring) ----
+_CODEC_SETUP = (
+    f"__eprl_codec = {{}}\nexec({Path(plain_data.__file__).read_text()!r}, __eprl_codec)\n"
+)
+# Plain-data replies (a test's call arguments or outcomes) travel as the repr of a cell's value.
+GRADING_OUTPUT_CHARS = 200_000
+
+
+def _grading_config(config: SandboxConfig) -> SandboxConfig:
+    return dataclasses.replace(
+        config, max_output_chars=max(config.max_output_chars, GRADING_OUTPUT_CHARS)
+    )
+
+
+def _test_seed(task: Task, index: int) -> str:
+    return f"{task.task_id}/{index}"
+
+
+def _reply_text(result: CellResult) -> str:
+    """The str a cell evaluated to; NotPlainData when it is anything else (or was cut)."""
+    if not result.ok or result.value is None:
+        raise plain_data.NotPlainData(f"the cell failed: {result.render()[-300:]}")
+    try:
+        text = ast.literal_eval(result.value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise plain_data.NotPlainData(f"not a str literal: {result.value[:80]!r}") from None
+    if type(text) is not str:
+        raise plain_data.NotPlainData(f"expected a str, got a {type(text).__name__}")
+    return text
+
+
+@lru_cache(maxsize=256)
+def humaneval_reference_calls(task: Task, config: SandboxConfig) -> tuple[str, ...]:
+    """Per test cell, the calls ``check`` makes when ``candidate`` is the canonical solution:
+    plain-data text of ``[[args, kwargs], ...]``. Computed in a sandbox, cached per task."""
+    config = _grading_config(config)
+    calls = []
+    with PythonSandbox(config, startup_code=task.setup_code + "\n" + _CODEC_SETUP) as sandbox:
+        loaded = sandbox.run_cell(
+            f"{task.reference_solution}\n"
+            f"__eprl_recorder = __eprl_codec['Recorder']({task.entry_point})\n"
+            f"candidate = {task.entry_point} = __eprl_recorder"
+        )
+        for index, test in enumerate(task.tests):
+            result = sandbox.run_cell(
+                f"__eprl_recorder.begin({_test_seed(task, index)!r})\n{test.code}\n"
+                "__eprl_recorder.take()"
+            )
+            try:
+                text = _reply_text(result if loaded.ok else loaded)
+                plain_data.loads(text)
+            except plain_data.NotPlainData as error:
+                raise SandboxError(
+                    f"the canonical solution of {task.task_id} fails its own test cell {index} "
+                    f"({test.code[:80]!r}): {error}"
+                ) from None
+            calls.append(text)
+    return tuple(calls)
+
+
+def _submission_outcomes(sandbox: PythonSandbox, task: Task, calls: str) -> tuple[str, bool]:
+    """The submission's outcomes on ``calls``, validated and re-encoded on the host, and whether
+    the session survived. A failed cell or a malformed reply counts as every call failing."""
+    count = len(plain_data.loads(calls))
+    result = sandbox.run_cell(f"__eprl_codec['run_calls']({task.entry_point}, {calls!r})")
+    try:
+        outcomes = json.loads(_reply_text(result))
+        if not (isinstance(outcomes, list) and len(outcomes) == count):
+            raise plain_data.NotPlainData(f"expected {count} outcomes, got {outcomes!r:.80}")
+        checked = [_checked_outcome(outcome) for outcome in outcomes]
+    except (plain_data.NotPlainData, ValueError, RecursionError) as error:
+        checked = [["refused", str(error)[:300]]] * count
+    return json.dumps(checked, separators=(",", ":")), not result.session_lost
+
+
+def _checked_outcome(outcome: object) -> list:
+    if not (isinstance(outcome, list) and len(outcome) == 2):
+        raise plain_data.NotPlainData(f"an outcome must be [status, payload], got {outcome!r:.80}")
+    status, payload = outcome
+    if status == "ok":
+        return ["ok", plain_data.encode(plain_data.decode(payload))]
+    if status in ("raised", "refused") and isinstance(payload, str):
+        return [status, payload[:300]]
+    raise plain_data.NotPlainData(f"unknown outcome {outcome!r:.80}")
+
+
+def _grade_humaneval(task: Task, code: str, config: SandboxConfig) -> GradeResult:
+    calls = humaneval_reference_calls(task, config)
+    config = _grading_config(config)
+    startup = task.setup_code + "\n" + _CODEC_SETUP
+    outcomes = []
+    with PythonSandbox(config, startup_code=startup) as submission:
+        if submission.run_cell(code).session_lost:
+            return GradeResult(0, task.tests_total, "the submission's own cell killed the session")
+        for test_calls in calls:
+            test_outcomes, alive = _submission_outcomes(submission, task, test_calls)
+            outcomes.append(test_outcomes)
+            if not alive and submission.run_cell(code).session_lost:
+                outcomes += [_all_failed(c, "the session was lost") for c in calls[len(outcomes) :]]
+                break
+    passed, first_failure, setup_done = 0, None, []
+    replay = (
+        "__eprl_replay = __eprl_codec['Replay']()\n"
+        f"candidate = {task.entry_point} = __eprl_replay\n"
+    )
+    with PythonSandbox(config, startup_code=startup + replay) as grader:
+        for index, test in enumerate(task.tests):
+            cell = (
+                f"__eprl_replay.load({calls[index]!r}, {outcomes[index]!r}, "
+                f"{_test_seed(task, index)!r})\n{test.code}"
+            )
+            result = grader.run_cell(cell)
+            if not test.scored:
+                setup_done.append(cell)
+            elif result.ok:
+                passed += 1
+            elif first_failure is None:
+                first_failure = f"{test.code}\n{result.render()}"
+            if result.session_lost:
+                for earlier in setup_done:
+                    grader.run_cell(earlier)
+    return GradeResult(passed, task.tests_total, first_failure)
+
+
+def _all_failed(calls: str, why: str) -> str:
+    return json.dumps([["refused", why]] * len(plain_data.loads(calls)))

@@ -8,7 +8,8 @@ Isolation in the default mode ``"bwrap"`` (each layer covers a different escape)
   network but a private loopback, no view of host processes), ``--die-with-parent``,
   ``--new-session``, ``--clearenv``, ``--disable-userns``; the filesystem is a fresh root with
   read-only binds of ``/usr`` (and of the interpreter's prefix when it lives elsewhere), a
-  private size-capped tmpfs ``/tmp`` and minimal ``/proc`` and ``/dev``. Host files, including
+  private tmpfs ``/tmp`` and ``/dev/shm`` capped in bytes and in inodes (see ``launch.py``)
+  and minimal ``/proc`` and ``/dev``. Host files, including
   the repository, home directories and ``/etc``, are not there at all.
 - unprivileged uids: when the host runs as root the process drops *before* bwrap starts to a
   host uid of its own (one per sandbox, from an unused range), so the code is unprivileged and

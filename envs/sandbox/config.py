@@ -30,6 +30,7 @@ class SandboxConfig:
     file_size_mb: int = 16  # RLIMIT_FSIZE: largest file a process may write
     max_processes: int = 16  # RLIMIT_NPROC (threads count too)
     tmpfs_mb: int = 64  # size of the private /tmp (bwrap mode)
+    tmpfs_inodes: int = 4096  # files + directories the private /tmp can hold (bwrap mode)
     max_output_chars: int = 2000  # stdout+stderr kept per cell; also caps tracebacks and values
     startup_timeout_s: float = 20.0
     python: str | None = None  # interpreter inside the sandbox; None picks one (see find_python)
@@ -40,7 +41,14 @@ class SandboxConfig:
         for name in ("cell_timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"sandbox {name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("cpu_seconds", "memory_mb", "file_size_mb", "max_processes", "tmpfs_mb"):
+        for name in (
+            "cpu_seconds",
+            "memory_mb",
+            "file_size_mb",
+            "max_processes",
+            "tmpfs_mb",
+            "tmpfs_inodes",
+        ):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"sandbox {name} must be an int >= 1, got {getattr(self, name)!r}")
         if not (isinstance(self.max_output_chars, int) and self.max_output_chars >= 100):

@@ -1,11 +1,22 @@
 """How a session process is started: its interpreter, its command line and its rlimits.
 
 The command is the REPL driver (``driver.py``, passed as ``-c`` source) either wrapped in
-bubblewrap (``bwrap_command``) or run bare (mode ``rlimits-only``); ``child_limits`` is the
-``preexec_fn`` that sets the rlimits in the forked child; ``allocate_host_uid`` gives each
-sandbox the host uid it drops to when the host runs as root.
+bubblewrap (``bwrap_command``) or run bare (mode ``rlimits-only``); ``child_setup`` is the
+``preexec_fn`` that sets the rlimits in the forked child and, for bubblewrap, mounts the bounded
+tmpfs mounts it binds; ``allocate_host_uid`` gives each sandbox the host uid it drops to when the
+host runs as root.
+
+Bounded tmpfs: bubblewrap 0.8 can cap a ``--tmpfs`` in bytes (``--size``) but not in inodes, and
+empty files cost no bytes: 200,000 of them cost ~200 MiB of kernel memory. So the forked child,
+already unprivileged, enters a user and mount namespace of its own (its uid mapped to itself),
+mounts two tmpfs there with ``size=`` *and* ``nr_inodes=`` on the empty directories
+``mount_points()`` made, and then execs bwrap, which binds them as the sandbox's ``/tmp`` and
+``/dev/shm``. The mounts exist only in that namespace: nothing is mounted on the host, and the
+host keeps one pair of empty directories per uid (mounting over the host's ``/tmp`` itself
+would hide what a sandbox binds from under it).
 """
 
+import contextlib
 import ctypes
 import itertools
 import os
@@ -14,6 +25,7 @@ import secrets
 import signal
 import stat
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,9 +51,12 @@ def allocate_host_uid() -> int:
 
 
 DRIVER_SOURCE = Path(__file__).with_name("driver.py").read_text()
-_PR_SET_PDEATHSIG = 1
-_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved now: a forked child must not dlopen
-_SHM_MB = 16  # /dev/shm (bwrap mode), for multiprocessing's semaphores
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE = 1, 4
+_CLONE_NEWUSER, _CLONE_NEWNS = 0x10000000, 0x00020000
+_MS_NOSUID, _MS_NODEV = 2, 4
+_libc = ctypes.CDLL(None, use_errno=True)  # resolved now: a forked child must not dlopen
+_prctl, _unshare, _mount = _libc.prctl, _libc.unshare, _libc.mount
+_SHM_MB, _SHM_INODES = 16, 256  # /dev/shm (bwrap mode), for multiprocessing's semaphores
 
 
 def readable_by_sandbox(path: str) -> bool:
@@ -83,17 +98,41 @@ def find_python() -> str:
     )
 
 
-def child_limits(
-    config: SandboxConfig, max_processes: int, die_with_parent: bool
-) -> Callable[[], None]:
-    """preexec_fn: rlimits (and, without bwrap, a parent-death signal) in the forked child.
+def mount_points() -> tuple[str, str]:
+    """The empty host directories each sandbox's bounded ``/tmp`` and ``/dev/shm`` are mounted
+    on (in the sandbox's own mount namespace): one pair per host uid, kept, never written."""
+    directory = os.path.join(tempfile.gettempdir(), f"eprl-sandbox-mounts-{os.geteuid()}")
+    paths = [directory, os.path.join(directory, "tmp"), os.path.join(directory, "shm")]
+    for path in paths:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o755)  # the sandbox's uid must reach the mount points
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            raise SandboxError(
+                f"{path} is not a directory of uid {os.geteuid()} writable only by it; remove it "
+                "(it only holds the sandboxes' mount points)"
+            )
+    return paths[1], paths[2]
 
-    Raw syscalls only, so it is safe in the child of a threaded parent. It runs after
-    ``subprocess`` has dropped the uid, which would otherwise clear the parent-death signal.
+
+def child_setup(
+    config: SandboxConfig, max_processes: int, bounded_tmpfs: bool
+) -> Callable[[], None]:
+    """preexec_fn: rlimits in the forked child, then either the bounded tmpfs mounts that
+    bubblewrap binds (``bounded_tmpfs``, see the module docstring) or, without bwrap, a
+    parent-death signal.
+
+    Raw syscalls and fd writes only, so it is safe in the child of a threaded parent. It runs
+    after ``subprocess`` has dropped the uid, which would otherwise clear the parent-death signal.
     """
     cpu = config.cpu_seconds
     memory = config.memory_mb << 20
     file_size = config.file_size_mb << 20
+    tmp, shm = (os.fsencode(path) for path in mount_points())
+    mounts = (
+        (tmp, config.tmpfs_mb << 20, config.tmpfs_inodes),
+        (shm, _SHM_MB << 20, _SHM_INODES),
+    )
 
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -101,40 +140,79 @@ def child_limits(
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
         resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if die_with_parent:
+        if bounded_tmpfs:
+            _mount_bounded_tmpfs(mounts)
+        else:
             _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
     return apply
 
 
+def _mount_bounded_tmpfs(mounts: tuple[tuple[bytes, int, int], ...]) -> None:
+    uid, gid = os.getuid(), os.getgid()
+    # The uid change made this process non-dumpable, which leaves /proc/self/*_map to root.
+    _prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+    if _unshare(_CLONE_NEWUSER | _CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER | CLONE_NEWNS) failed")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                       ("gid_map", f"{gid} {gid} 1")):  # fmt: skip
+        fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+    for target, size, inodes in mounts:
+        options = f"size={size},nr_inodes={inodes},mode=1777".encode()
+        if _mount(b"tmpfs", target, b"tmpfs", _MS_NOSUID | _MS_NODEV, options) != 0:
+            raise OSError(ctypes.get_errno(), f"mounting a bounded tmpfs on {target!r} failed")
+
+
 def bwrap_command(bwrap: str, python: str, config: SandboxConfig) -> list[str]:
     """The driver inside bubblewrap: a fresh read-only root holding only ``/usr`` (and the
     interpreter's prefix), private ``/tmp`` and ``/dev/shm``, no host namespace shared."""
+    command = bwrap_root(bwrap, {"HOME": "/tmp"})
+    prefix = str(Path(python).parent.parent)
+    if not (prefix + "/").startswith("/usr/"):
+        command += ["--ro-bind", prefix, prefix]
+    command += bwrap_private_mounts("/tmp")
+    return command + driver_command(python, config.max_output_chars, reap=True)
+
+
+def bwrap_root(bwrap: str, env: dict[str, str]) -> list[str]:
+    """The start of every sandbox's bwrap command: all namespaces unshared, a cleared
+    environment holding only ``env`` (plus PATH and LANG), and a read-only ``/usr``.
+    The caller adds its own binds, then ``bwrap_private_mounts``, then the command."""
     command = [
         bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--clearenv",
         "--disable-userns", "--hostname", "sandbox",
-        "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
-        "--setenv", "LANG", "C.UTF-8",
-        "--ro-bind", "/usr", "/usr",
+        "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
     ]  # fmt: skip
+    for name, value in env.items():
+        command += ["--setenv", name, value]
+    command += ["--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):  # merged-/usr systems: /lib -> usr/lib
             command += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             command += ["--ro-bind", top, top]
-    prefix = str(Path(python).parent.parent)
-    if not (prefix + "/").startswith("/usr/"):
-        command += ["--ro-bind", prefix, prefix]
-    command += [
+    return command
+
+
+def bwrap_private_mounts(chdir: str) -> list[str]:
+    """``/proc``, ``/dev``, the bounded ``/tmp`` and ``/dev/shm``, a read-only root, uid 65534.
+
+    ``/tmp`` and ``/dev/shm`` are the bounded tmpfs mounts ``child_setup`` made on
+    ``mount_points()`` in the child's own mount namespace (bwrap resolves a bind's source
+    there); on the host those directories stay empty."""
+    tmp, shm = mount_points()
+    return [
         "--proc", "/proc", "--dev", "/dev",
-        "--size", str(_SHM_MB << 20), "--tmpfs", "/dev/shm",
-        "--size", str(config.tmpfs_mb << 20), "--tmpfs", "/tmp",
+        "--bind", shm, "/dev/shm", "--bind", tmp, "/tmp",
         # the root and /dev are tmpfs mounts without a size cap: read-only, or they could fill RAM
         "--remount-ro", "/dev", "--remount-ro", "/",
-        "--chdir", "/tmp",
+        "--chdir", chdir,
         "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID),
     ]  # fmt: skip
-    return command + driver_command(python, config.max_output_chars, reap=True)
 
 
 def driver_command(python: str, max_output_chars: int, reap: bool) -> list[str]:

@@ -26,7 +26,7 @@ from envs.sandbox.config import (
 from envs.sandbox.launch import (
     allocate_host_uid,
     bwrap_command,
-    child_limits,
+    child_setup,
     driver_command,
     find_python,
 )
@@ -35,9 +35,6 @@ from envs.sandbox.processes import descendant_pids, exit_status, kill_pids, kill
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">I")
-# PR_SET_PDEATHSIG follows the *thread* that forked the child: spawn from one thread that lives
-# as long as the process, so a sandbox started from a short-lived worker thread is not killed
-# when that thread exits.
 _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eprl-sandbox-spawner")
 _SIGNAL_MEANING = {
     signal.SIGXCPU: "CPU time limit exceeded",
@@ -116,19 +113,22 @@ class PythonSandbox:
         uid_drop = {}
         if os.geteuid() == 0:
             uid_drop = {"user": self.host_uid, "group": self.host_uid, "extra_groups": []}
-        popen = _SPAWNER.submit(
-            subprocess.Popen,
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=self._workdir or "/",
-            start_new_session=True,
-            preexec_fn=child_limits(self.config, max_processes, self.bwrap is None),
-            **uid_drop,
-        )
-        self._process = popen.result()
+        try:
+            self._process = spawn(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=self._workdir or "/",
+                start_new_session=True,
+                preexec_fn=child_setup(
+                    self.config, max_processes, bounded_tmpfs=self.bwrap is not None
+                ),
+                **uid_drop,
+            )
+        except subprocess.SubprocessError as error:  # raised in child_setup, before the exec
+            raise setup_error(error, bwrap=self.bwrap is not None) from None
         self._finalizer.detach()
         self._finalizer = weakref.finalize(
             self, PythonSandbox._finalize, [self._process, self._workdir, self.bwrap is not None]
@@ -324,6 +324,25 @@ class PythonSandbox:
                     stream.close()
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def spawn(command: list[str], **popen_kwargs: object) -> subprocess.Popen:
+    """``subprocess.Popen`` from the one long-lived spawner thread.
+
+    Both bwrap's ``--die-with-parent`` and the rlimits-only parent-death signal follow the
+    *thread* that forked: a sandbox started from a short-lived worker thread would die with it."""
+    return _SPAWNER.submit(subprocess.Popen, command, **popen_kwargs).result()
+
+
+def setup_error(error: subprocess.SubprocessError, bwrap: bool) -> SandboxError:
+    """The error for a child that failed in ``child_setup`` (Popen only says it failed)."""
+    hint = (
+        ": bubblewrap mode needs unprivileged user namespaces, for its bounded /tmp and for "
+        "bwrap itself"
+        if bwrap
+        else ""
+    )
+    return SandboxError(f"the sandbox process could not be set up ({error}){hint}")
 
 
 def run_once(code: str, config: SandboxConfig | None = None, startup_code: str = "") -> CellResult:
