@@ -84,6 +84,10 @@ def evaluate(
         bool,
         typer.Option("--compare", help="print a side-by-side table of the RESULTS JSON files"),
     ] = False,
+    confidence: Annotated[
+        float, typer.Option(help="confidence level of the bootstrap intervals")
+    ] = 0.95,
+    resamples: Annotated[int, typer.Option(help="bootstrap replicates per interval")] = 2000,
 ) -> None:
     """Evaluate a model on an environment split: pass@1, pass@k, reward, success, diversity.
 
@@ -110,6 +114,8 @@ def evaluate(
             num_tasks=num_tasks,
             env_kwargs=env_kwargs,
             compare=results if compare else None,
+            confidence=confidence,
+            resamples=resamples,
         )
     except ValueError as exc:
         _fail(exc)

@@ -27,7 +27,7 @@ class VLLMConfig(_Section):
     enforce_eager: bool = True
     # ask vLLM for an fp32 LM head (hf_overrides head_dtype) so sampler log-probs match the learner
     fp32_head: bool = True
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 class PolicyConfig(_Section):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -265,6 +266,10 @@ class RolloutRunner:
         finally:
             episode.timings["env_s"] += time.perf_counter() - t0
         episode.info = dict(info)
+        if not math.isfinite(float(reward)):
+            # an environment fault, not a score: the learner and the evaluation leave it out
+            episode.error = f"step returned a non-finite reward {reward!r}"
+            return
         episode.reward += float(reward)
         if terminated or truncated:
             episode.terminated, episode.truncated = bool(terminated), bool(truncated)

@@ -8,13 +8,16 @@ import sys
 import torch
 
 
-def fixed_batch(vocab: int, rows: int = 4, width: int = 12):
+def fixed_batch(vocab: int, rows: int = 4, width: int = 12, uneven: bool = False):
     from trainer.learner import TrainBatch
 
     generator = torch.Generator().manual_seed(1234)
     ids = torch.randint(0, vocab, (rows, width + 1), generator=generator)
     mask = torch.ones(rows, width)
     mask[:, :4] = 0  # a "prompt" of 4 tokens
+    if uneven:  # answers of 8, 6, 4 and 2 tokens
+        for row in range(rows):
+            mask[row, 4 + 8 - 2 * row :] = 0
     return TrainBatch(
         input_ids=ids[:, :-1],
         attention_mask=torch.ones(rows, width, dtype=torch.long),
@@ -25,10 +28,27 @@ def fixed_batch(vocab: int, rows: int = 4, width: int = 12):
     )
 
 
-def main(model_dir: str, out: str, zero_stage: str, dtype: str) -> None:
+def lora_model(model_dir: str, cfg):
+    """The tiny model with LoRA adapters initialised from a fixed seed (the same on every side)."""
+    from agent.models import load_model
+    from trainer.learner import apply_lora
+
+    torch.manual_seed(0)
+    return apply_lora(load_model(model_dir), cfg.trainer.lora)
+
+
+LORA_OVERRIDES = ["trainer.lora.enabled=true", "trainer.lora.r=4", "trainer.lora.alpha=8"]
+
+
+def main(
+    model_dir: str, out: str, zero_stage: str, dtype: str, lora: str = "none", shard: str = "even"
+) -> None:
+    """``shard`` even: rank r takes rows r::world; uneven (2 ranks): rank 0 rows 0-2 with 18
+    tokens, rank 1 row 3 with 2 tokens, so ranks differ in micro-batches and in tokens."""
     from agent.models import load_model
     from trainer.config import load_config
     from trainer.deepspeed_learner import DeepSpeedLearner
+    from trainer.learner import hf_model
     from trainer.precision import reference_logprobs_and_entropy
 
     cfg = load_config(
@@ -41,20 +61,24 @@ def main(model_dir: str, out: str, zero_stage: str, dtype: str) -> None:
             f"model.dtype={dtype}",
             "trainer.lr=1e-3",
             "trainer.micro_batch_size=1",
+            *(LORA_OVERRIDES if lora == "lora" else []),
         ],
     )
-    learner = DeepSpeedLearner(load_model(model_dir), cfg, torch.device("cpu"), total_updates=1)
+    lm = lora_model(model_dir, cfg) if lora == "lora" else load_model(model_dir)
+    learner = DeepSpeedLearner(lm, cfg, torch.device("cpu"), total_updates=1)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    batch = fixed_batch(learner.lm.config.vocab_size)
-    shard = batch.rows(list(range(rank, len(batch), world)))
+    batch = fixed_batch(learner.lm.config.vocab_size, uneven=shard == "uneven")
+    rows = list(range(rank, len(batch), world)) if shard == "even" else ([0, 1, 2], [3])[rank]
+    shard = batch.rows(rows)
     shard.old_logprobs, _ = learner.logprobs(shard)
 
     # the FP32 path under the engine: fp32 log-probs even when the engine holds bf16 weights
     logprobs, _ = learner.engine(shard.input_ids, shard.attention_mask, shard.target_ids)
-    hidden = learner.lm.base_model(
+    causal_lm = hf_model(learner.lm)
+    hidden = causal_lm.base_model(
         input_ids=shard.input_ids, attention_mask=shard.attention_mask
     ).last_hidden_state
-    weight = learner.lm.get_output_embeddings().weight
+    weight = causal_lm.get_output_embeddings().weight
     reference, _ = reference_logprobs_and_entropy(
         hidden.detach().double(),
         weight.detach().double(),

@@ -1,4 +1,5 @@
-"""Evaluation metrics by hand: pass@k, TGC/SGC, diversity, sampled-token entropy, tables."""
+"""Evaluation metrics by hand: pass@k, TGC/SGC, diversity, sampled-token entropy, tables; the
+bootstrap intervals, paired differences and the labels of short and errored tasks."""
 
 import itertools
 import json
@@ -8,16 +9,24 @@ import pytest
 
 from agent.rollout import Episode
 from trainer.evaluation.cli import default_out, evaluate_cli
+from trainer.evaluation.compare import paired_differences
+from trainer.evaluation.intervals import Bootstrap, score_intervals
 from trainer.evaluation.metrics import (
     episode_record,
     goal_completion,
     normalise_code,
     pass_at_k,
+    per_task_rows,
     summarize_episodes,
     summarize_tasks,
     task_record,
 )
-from trainer.evaluation.report import compare_markdown, markdown_report
+from trainer.evaluation.report import (
+    compare_markdown,
+    markdown_report,
+    print_compare,
+    print_result,
+)
 from trainer.evaluation.sidecar import TaskLog
 
 
@@ -308,3 +317,197 @@ def test_eval_cli_compare_takes_result_files_as_arguments(tmp_path, hand_records
     assert no_model.exit_code == 2 and "--model is required" in no_model.output
     stray = runner.invoke(app, ["eval", "--model", "m", str(a)])
     assert stray.exit_code == 2 and "go with --compare" in stray.output
+
+
+# ---- intervals, paired differences and labels (issue 22) ----------------------------------
+
+
+def record(task_id, outcomes, errors=0, scenario=None, rewards=None):
+    """A task record of hand-made episodes: ``outcomes`` their successes, then ``errors``
+    episodes that failed in the environment (``error`` set, no success)."""
+    rewards = rewards or [float(ok) for ok in outcomes]
+    fields = {"sampled_tokens": 10, "nll_sum": 5.0, "turns": 1, "stopped": True}
+    fields |= {"truncation_reason": None, "scenario_id": scenario, "solution_sha1": "s"}
+    episodes = [
+        {**fields, "reward": r, "success": ok, "error": None}
+        for ok, r in zip(outcomes, rewards, strict=True)
+    ]
+    episodes += [{**fields, "reward": 0.0, "success": False, "error": "reset failed"}] * errors
+    return {"kind": "task", "task_id": task_id, "index": 0, "episodes": episodes}
+
+
+def wilson(successes, n, z=1.959964):
+    """The Wilson score interval of a binomial proportion (Wilson, 1927)."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def test_bootstrap_over_tasks_matches_the_wilson_interval_of_a_binomial():
+    # 400 tasks x 1 sample, 120 successes: only the task level varies
+    records = [record(f"t{i}", [i < 120]) for i in range(400)]
+    out = score_intervals(records, 1, Bootstrap())
+    low, high = out["intervals"]["pass@1"]
+    assert low == pytest.approx(wilson(120, 400)[0], abs=0.01)
+    assert high == pytest.approx(wilson(120, 400)[1], abs=0.01)
+    assert out["counts"]["pass@1"] == {"tasks": 400, "samples": 400}
+
+
+def test_bootstrap_over_samples_within_a_task_matches_the_wilson_interval():
+    # one task x 400 samples: only the sample level varies
+    out = score_intervals([record("t", [j < 120 for j in range(400)])], 1, Bootstrap())
+    low, high = out["intervals"]["pass@1"]
+    assert low == pytest.approx(wilson(120, 400)[0], abs=0.01)
+    assert high == pytest.approx(wilson(120, 400)[1], abs=0.01)
+
+
+def test_intervals_are_seeded_and_the_resamples_and_coverage_are_parameters():
+    # rewards that all differ, so that the quantiles of the replicates move with the seed
+    records = [
+        record(f"t{i}", [i % 3 == 0, i % 2 == 0], rewards=[i / 31, ((7 * i) % 30) / 29])
+        for i in range(30)
+    ]
+    first = score_intervals(records, 2, Bootstrap(seed=3))
+    assert score_intervals(records, 2, Bootstrap(seed=3)) == first
+    other = score_intervals(records, 2, Bootstrap(seed=4))["intervals"]["reward/mean"]
+    assert other != first["intervals"]["reward/mean"]
+    narrow = score_intervals(records, 2, Bootstrap(confidence=0.5, seed=3))["intervals"]["pass@1"]
+    wide = first["intervals"]["pass@1"]
+    assert wide[0] < narrow[0] < narrow[1] < wide[1]
+    assert first["bootstrap"]["resamples"] == 2000 and first["bootstrap"]["confidence"] == 0.95
+    with pytest.raises(ValueError, match="resamples must be >= 100, got 5"):
+        Bootstrap(resamples=5)
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\), got 95"):
+        Bootstrap(confidence=95)
+
+
+def test_every_score_carries_an_interval_and_its_counts(hand_records, tokenizer):
+    out = score_intervals(hand_records, 2, Bootstrap(), vocab_size=len(tokenizer))
+    metrics = summarize_tasks(hand_records, 2, vocab_size=len(tokenizer))
+    for key in (
+        "pass@1",
+        "pass@2",
+        "reward/mean",
+        "success/rate",
+        "tgc",
+        "sgc",
+        "entropy/sampled",
+        "entropy/normalised",
+        "entropy/sampled_stopped",
+    ):
+        low, high = out["intervals"][key]
+        assert low <= metrics[key] + 1e-9 and metrics[key] <= high + 1e-9, key
+        assert out["counts"][key]["tasks"] == 5 and out["counts"][key]["samples"] == 10, key
+    assert out["counts"]["sgc"]["scenarios"] == 2
+    assert out["counts"]["entropy/sampled"]["tokens"] == sum(
+        ep["sampled_tokens"] for rec in hand_records for ep in rec["episodes"]
+    )
+
+
+def test_pass_at_k_counts_only_tasks_with_at_least_k_samples():
+    # t3 has one sample: before issue 22 it entered pass@2 as pass@1 (min(k, n)), here it is out
+    records = [record("t1", [True, False]), record("t2", [False, False]), record("t3", [True])]
+    metrics = summarize_tasks(records, k=2)
+    assert metrics["pass@2"] == pytest.approx((1.0 + 0.0) / 2)
+    assert metrics["tasks/pass@2"] == 2
+    assert metrics["pass@1"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)  # pass@1 keeps t3
+    out = score_intervals(records, 2, Bootstrap())
+    assert out["counts"]["pass@2"] == {"tasks": 2, "samples": 4}
+    assert out["counts"]["pass@1"] == {"tasks": 3, "samples": 5}
+    assert [row["pass@2"] for row in per_task_rows(records, 2)] == [1.0, 0.0, None]
+    only_short = summarize_tasks([record("t3", [True])], k=2)
+    assert only_short["pass@2"] is None and only_short["tasks/pass@2"] == 0
+    report = markdown_report(result_of(records, "m"))
+    assert "| tasks with n >= 2 (counted under pass@2) | 2 |" in report
+
+
+def test_errored_episodes_are_reported_apart_and_left_out_of_the_scores():
+    records = [
+        record("t1", [True, True], errors=2),  # 2 of 2 error-free samples succeed
+        record("t2", [False, True]),
+        record("t3", [], errors=2),  # every episode errored: no score at all
+    ]
+    metrics = summarize_tasks(records, k=2)
+    assert metrics["pass@1"] == pytest.approx((1.0 + 0.5) / 2)  # not (0.5 + 0.5 + 0) / 3
+    assert metrics["success/rate"] == pytest.approx(3 / 4)
+    assert metrics["reward/mean"] == pytest.approx(3 / 4)
+    assert metrics["episodes/errors"] == 4 and metrics["tasks/errored"] == 1
+    assert metrics["tasks"] == 3 and metrics["episodes"] == 8
+    out = score_intervals(records, 2, Bootstrap())
+    assert out["counts"]["pass@1"] == {"tasks": 2, "samples": 4}
+    rows = per_task_rows(records, 2)
+    assert [(row["n"], row["errors"]) for row in rows] == [(2, 2), (2, 0), (0, 2)]
+    assert rows[2]["pass@1"] is None
+    report = markdown_report(result_of(records, "m"))
+    assert "| environment errors (episodes, left out of the scores) | 4 |" in report
+    assert "| tasks with only errored episodes (left out) | 1 |" in report
+
+
+def full_result(records, model, k=2):
+    """A result file as ``run_evaluation`` writes it: metrics, intervals, counts, per-task rows."""
+    return {
+        **result_of(records, model, k),
+        **score_intervals(records, k, Bootstrap()),
+        "per_task": per_task_rows(records, k),
+    }
+
+
+def test_paired_comparison_of_identical_files_is_zero_with_an_interval_containing_zero():
+    records = [record(f"t{i}", [i % 2 == 0, i % 3 == 0, True, False]) for i in range(30)]
+    paired = paired_differences(full_result(records, "a"), full_result(records, "a"), Bootstrap())
+    assert paired["tasks"] == {"base": 30, "other": 30, "common": 30} and not paired["notes"]
+    for key in ("pass@1", "pass@2", "success/rate", "reward/mean"):
+        entry = paired["differences"][key]
+        assert entry["difference"] == 0.0, key
+        low, high = entry["interval"]
+        assert low <= 0.0 <= high and not entry["excludes_zero"], key
+
+
+def test_paired_comparison_of_clearly_different_files_excludes_zero(tmp_path):
+    base = [record(f"t{i}", [False, False, False, i % 4 == 0]) for i in range(40)]
+    trained = [record(f"t{i}", [True, True, i % 2 == 0, False]) for i in range(40)]
+    paired = paired_differences(full_result(base, "b"), full_result(trained, "t"), Bootstrap())
+    entry = paired["differences"]["pass@1"]
+    assert entry["difference"] == pytest.approx(0.625 - 0.0625)
+    assert entry["interval"][0] > 0 and entry["excludes_zero"]
+    a, b = tmp_path / "base.json", tmp_path / "trained.json"
+    a.write_text(json.dumps(full_result(base, "b")))
+    b.write_text(json.dumps(full_result(trained, "t")))
+    table = print_compare([str(a), str(b)])
+    row = next(line for line in table.splitlines() if line.startswith("| pass@1 | +"))
+    assert row.endswith("| 40 | excludes 0: trained is higher than base |")
+    again = tmp_path / "again.json"
+    again.write_text(a.read_text())
+    same = print_compare([str(a), str(again)])
+    assert "| pass@1 | +0.000 |" in same and "contains 0: no difference shown at 95%" in same
+
+
+def test_markdown_and_terminal_tables_show_each_score_with_interval_and_counts(
+    hand_records, tmp_path, capsys, monkeypatch
+):
+    from pathlib import Path
+
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps the cells in a narrow terminal
+    result = full_result(hand_records, "m")
+    low, high = result["intervals"]["pass@1"]
+    row = f"| pass@1 | 0.700 | [{low:.3f}, {high:.3f}] | 5 | 10 |"
+    assert row in markdown_report(result).splitlines()
+    print_result(result, Path(tmp_path / "r.json"))
+    printed = capsys.readouterr().out
+    assert "95% interval" in printed and f"[{low:.3f}, {high:.3f}]" in printed
+
+
+def test_compare_flags_task_sets_that_differ_and_refuses_a_pairing_without_common_tasks():
+    first = [record(f"t{i}", [i % 2 == 0, True]) for i in range(10)]
+    shifted = [record(f"t{i}", [True, True]) for i in range(5, 15)]
+    paired = paired_differences(full_result(first, "a"), full_result(shifted, "b"), Bootstrap())
+    assert paired["tasks"] == {"base": 10, "other": 10, "common": 5}
+    assert any("task sets differ" in note for note in paired["notes"])
+    assert paired["differences"]["pass@1"]["tasks"] == 5
+    disjoint = [record(f"u{i}", [True, True]) for i in range(10)]
+    none = paired_differences(full_result(first, "a"), full_result(disjoint, "b"), Bootstrap())
+    assert none["differences"] == {}
+    assert "no scored task in common: no paired difference" in none["notes"]
+    table = compare_markdown([full_result(first, "a"), full_result(disjoint, "b")], ["a", "b"])
+    assert "- note: no scored task in common: no paired difference" in table

@@ -25,6 +25,21 @@ def eval_env() -> dict:
     return {**os.environ, "EPRL_EVAL_BATCH_EPISODES": "2", "OMP_NUM_THREADS": "1"}
 
 
+def procedural_eval(model: str, **settings) -> dict:
+    """``evaluate_cli`` arguments: ``model`` on 2 samples of procedural CodeExec dev tasks."""
+    return dict(
+        model=model,
+        env="eprl/CodeExec-v0",
+        split="dev",
+        k=2,
+        backend="hf",
+        env_kwargs='{"task_set": "procedural"}',
+        compare=None,
+        progress=False,
+        **settings,
+    )
+
+
 @pytest.fixture
 def one_thread():
     """The tiny model runs faster on one thread than on two shared with other processes."""
@@ -41,18 +56,7 @@ def test_eval_writes_json_markdown_and_resumes_from_a_partial_sidecar(
 ):
     monkeypatch.setenv("EPRL_EVAL_BATCH_EPISODES", "2")
     out = tmp_path / "tiny.json"
-    args = dict(
-        model=tiny_model_dir,
-        env="eprl/CodeExec-v0",
-        split="dev",
-        k=2,
-        backend="hf",
-        out=str(out),
-        num_tasks=3,
-        env_kwargs='{"task_set": "procedural"}',
-        compare=None,
-        progress=False,
-    )
+    args = procedural_eval(tiny_model_dir, out=str(out), num_tasks=3)
     first = evaluate_cli(**args)
     assert first["metrics"]["tasks"] == 3 and first["metrics"]["episodes"] == 6
     assert first["tasks_resumed"] == 0
@@ -161,6 +165,8 @@ def test_eval_killed_half_way_continues_without_running_a_task_twice(tiny_model_
         ),
         ({"model": "http://127.0.0.1:9/v1"}, r"is a URL: use --backend openai"),
         ({"k": 0}, r"--k must be >= 1, got 0"),
+        ({"confidence": 95}, r"--confidence must be in \(0, 1\), got 95"),
+        ({"resamples": 10}, r"--resamples must be >= 100, got 10"),
     ],
 )
 def test_bad_values_give_clear_errors(tmp_path, overrides, message):
@@ -199,3 +205,66 @@ def test_cli_error_exits_2_naming_the_value(tmp_path):
     )
     assert done.returncode == 2
     assert "eprl: error: unknown split 'holdout'" in done.stderr
+
+
+class SimulatedKill(Exception):
+    """What :class:`KilledAfterGenerateCalls` raises in place of a SIGKILL."""
+
+
+class KilledAfterGenerateCalls:
+    """A test double for a kill mid-evaluation: forwards to ``policy`` and raises
+    :class:`SimulatedKill` on generate call number ``limit + 1`` (None: never); counts calls."""
+
+    def __init__(self, policy, limit: int | None = None) -> None:
+        self.policy, self.limit, self.calls = policy, limit, 0
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def generate(self, *args, **kwargs):
+        if self.limit is not None and self.calls >= self.limit:
+            raise SimulatedKill(f"killed before generate call {self.calls + 1}")
+        self.calls += 1
+        return self.policy.generate(*args, **kwargs)
+
+
+def test_an_evaluation_killed_half_way_and_resumed_writes_the_uninterrupted_results(
+    tiny_model_dir, tmp_path, monkeypatch, one_thread
+):
+    """Same seeds: killed after about half its generate calls (past the first task's batch) and
+    resumed, the results file equals that of a run straight through, timing fields aside."""
+    from trainer.evaluation import cli
+
+    monkeypatch.setenv("EPRL_EVAL_BATCH_EPISODES", "2")  # one task per batch
+    real_load = cli._load_policy
+    doubles: list[KilledAfterGenerateCalls] = []
+
+    def load_with(limit):
+        def load(*args, **kwargs):
+            doubles.append(KilledAfterGenerateCalls(real_load(*args, **kwargs), limit))
+            return doubles[-1]
+
+        return load
+
+    args = procedural_eval(tiny_model_dir, num_tasks=4)
+    monkeypatch.setattr(cli, "_load_policy", load_with(None))
+    straight_out = tmp_path / "straight.json"
+    evaluate_cli(**args, out=str(straight_out))
+    total_calls = doubles[-1].calls
+
+    resumed_out = tmp_path / "resumed.json"
+    monkeypatch.setattr(cli, "_load_policy", load_with(total_calls // 2))
+    with pytest.raises(SimulatedKill):
+        evaluate_cli(**args, out=str(resumed_out))
+    logged = task_lines(tmp_path / "resumed.tasks.jsonl")
+    assert 1 <= len(logged) < 4 and not resumed_out.exists()
+    monkeypatch.setattr(cli, "_load_policy", real_load)
+    evaluate_cli(**args, out=str(resumed_out))
+
+    straight, resumed = json.loads(straight_out.read_text()), json.loads(resumed_out.read_text())
+    assert resumed["tasks_resumed"] == len(logged) and straight["tasks_resumed"] == 0
+    timing = {"tasks_resumed", "wall_s_this_run", "finished_at"}
+    assert straight.keys() == resumed.keys()
+    for key in straight.keys() - timing:
+        assert resumed[key] == straight[key], key
+    assert resumed["intervals"]["pass@1"] is not None and resumed["per_task"]

@@ -52,8 +52,8 @@ def test_every_method_has_a_config_that_differs_only_in_objective_and_precision(
         } == shared, method
     assert configs["rloo_bf16"]["precision"]["loss"] == "bf16"
     assert configs["rloo_bf16"]["objective"] == configs["rloo_fp32"]["objective"]
-    assert configs["repo_r"]["objective"]["repo"]["variant"] == "r"
-    assert configs["repo_d"]["objective"]["repo"]["variant"] == "d"
+    assert configs["repo_r"]["objective"]["repo"]["variant"] == "r_submitted"
+    assert configs["repo_d"]["objective"]["repo"]["variant"] == "const_beta"
     assert configs["adapo"]["objective"]["adapo"]["enabled"]
 
 

@@ -56,6 +56,45 @@ def test_a_batch_of_equal_rewards_has_no_signal_and_a_rank_without_kept_ones_tra
     assert not select_episodes([], ObjectiveConfig(), skip_no_signal=True).signal
 
 
+def test_a_non_finite_reward_is_an_environment_error_that_leaves_other_groups_alone():
+    import gymnasium
+
+    from agent.rollout import RolloutRunner
+
+    class NaNReward(gymnasium.Env):  # a test double for an environment fault
+        def task_ids(self, split):
+            return ["x"]
+
+        def reset(self, seed=None, options=None):
+            return "Say hi.", {"task_id": options["task_id"], "turn": 0}
+
+        def step(self, action):
+            return "", float("nan"), True, False, {"task_id": "x", "turn": 1}
+
+    class OneToken:
+        tokenizer = None
+
+        def generate(self, prompts, max_new_tokens, stop=(), *, temperature=None):
+            from agent.policy import Generation
+
+            return [Generation([7], [-0.1], "eos") for _ in prompts]
+
+    class Chat:
+        tokenizer = type("T", (), {"decode": staticmethod(lambda ids, **_: "hi")})()
+
+        def prompt_ids(self, text):
+            return [1, 2]
+
+    (bad,) = RolloutRunner(OneToken(), NaNReward, Chat(), group_size=1).run(["x"])
+    assert bad.error == "step returned a non-finite reward nan" and bad.reward == 0.0
+    good = [episode("b", 1, 1.0), episode("b", 1, 0.0)]
+    bad.group_id = 0
+    alone = select_episodes(good, ObjectiveConfig(), skip_no_signal=True)
+    mixed = select_episodes([bad, *good], ObjectiveConfig(), skip_no_signal=True)
+    assert mixed.kept == good and torch.equal(mixed.advantages, alone.advantages)
+    assert rollout_metrics([bad, *good])["episodes/errors"] == 1.0
+
+
 def test_rollout_metrics_count_errors_apart_and_report_the_sampler_nll():
     batch = [episode("a", 0, 1.0), episode("a", 0, 0.0, error="reset failed", sampled=0)]
     metrics = rollout_metrics(batch)

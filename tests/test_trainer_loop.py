@@ -630,9 +630,18 @@ def test_demo_trains_then_compares_on_stratified_held_out_tasks(
     assert "answers that stop (held-out)" in printed
 
 
-def test_sampled_entropy_over_all_answers_and_over_those_that_stop():
+def test_sampled_entropy_over_all_answers_and_over_those_that_stop(tiny_model_dir):
+    """What the demo prints as held-out entropy: the summariser's entropy/sampled and
+    entropy/sampled_stopped."""
+    from agent.models import load_tokenizer
     from agent.rollout import Episode
-    from trainer.episodes import sampled_entropy
+    from trainer.evaluation.metrics import summarize_episodes
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+
+    def sampled_entropy(episodes, stopped_only=False):
+        key = "entropy/sampled_stopped" if stopped_only else "entropy/sampled"
+        return summarize_episodes(episodes, 1, tokenizer)[key]
 
     def episode(logprobs, reason):
         ep = Episode(task_id="t", group_id=0, seed=0, finish_reasons=[reason])
@@ -644,4 +653,63 @@ def test_sampled_entropy_over_all_answers_and_over_those_that_stop():
     cut = episode([-2.0, -3.0, -4.0], "length")
     assert sampled_entropy([stopped, cut]) == pytest.approx((0.1 + 0.3 + 2 + 3 + 4) / 5)
     assert sampled_entropy([stopped, cut], stopped_only=True) == pytest.approx(0.2)
-    assert math.isnan(sampled_entropy([cut], stopped_only=True))
+    assert sampled_entropy([cut], stopped_only=True) is None
+
+
+def test_resume_with_a_learning_signal_is_bit_for_bit_and_needs_the_optimizer_state(
+    tiny_model_dir, tmp_path
+):
+    """A run on a task the tiny model learns (a real gradient), REPO-R and ADAPO on: 2 steps,
+    then a resume to 4, equals 4 steps straight bit for bit (loss, grad norm, zeta, eps_high,
+    final weights); resuming without the optimizer state does not (AdamW's moments matter)."""
+    model = peaked_copy(tiny_model_dir, tmp_path / "peaked")
+
+    def config(root, steps):
+        overrides = tiny_overrides(
+            model,
+            root,
+            **{
+                **use_test_env(DigitRewardEnv),
+                "steps": steps,
+                "rollout.max_new_tokens": 6,
+                "trainer.lr": 3e-3,
+                "eval.at_start": False,
+                "eval.at_end": False,
+                "logging.tensorboard": False,
+                "objective.repo.variant": "r",
+                "objective.adapo.enabled": True,
+            },
+        )
+        return load_config(REPO / "configs" / "quickstart.yaml", overrides)
+
+    def final(run_dir):
+        trainer_state = torch.load(
+            run_dir / "checkpoints" / "step_4" / "trainer_state.pt", weights_only=False
+        )
+        from safetensors.torch import load_file
+
+        return trainer_state, load_file(run_dir / "checkpoints" / "step_4" / "model.safetensors")
+
+    run_training(config(tmp_path / "straight", 4), tmp_path / "straight" / "run")
+    run_training(config(tmp_path / "resumed", 2), tmp_path / "resumed" / "run")
+    run_training(config(tmp_path / "resumed", 4), tmp_path / "resumed" / "run", resume=True)
+    straight, resumed = rows(tmp_path / "straight" / "run"), rows(tmp_path / "resumed" / "run")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert any(r["grad/norm"] > 0 for r in straight)  # the check has a gradient to lose
+    for a, b in zip(straight, resumed, strict=True):
+        for key in ("loss/total", "grad/norm", "repo/zeta", "adapo/eps_high", "reward/mean"):
+            assert a[key] == b[key], (a["step"], key)
+    (state_a, weights_a), (state_b, weights_b) = (
+        final(tmp_path / "straight" / "run"),
+        final(tmp_path / "resumed" / "run"),
+    )
+    assert state_a["zeta"] == state_b["zeta"] and state_a["eps_high"] == state_b["eps_high"]
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+    # the same resume without the optimizer state: AdamW restarts its moments, the run diverges
+    lost = tmp_path / "lost" / "run"
+    run_training(config(tmp_path / "lost", 2), lost)
+    (lost / "checkpoints" / "step_2" / "learner.pt").unlink()
+    run_training(config(tmp_path / "lost", 4), lost, resume=True)
+    _, weights_lost = final(lost)
+    assert not all(torch.equal(weights_a[k], weights_lost[k]) for k in weights_a)

@@ -41,7 +41,7 @@ GROUPS = [7, 7, 7, 3, 3, 9]
 
 def test_rloo_leave_one_out_by_hand():
     # group 7: 1 - (0+0)/2 = 1; 0 - (1+0)/2 = -0.5 (twice); group 3: 1 - 0.5, 0.5 - 1; singleton 0
-    expected = torch.tensor([1.0, -0.5, -0.5, 0.5, -0.5, 0.0])
+    expected = torch.tensor([1.0, -0.5, -0.5, 0.5, -0.5, 0.0], dtype=torch.float64)
     torch.testing.assert_close(rloo_advantages(REWARDS, GROUPS), expected)
     # equals K/(K-1) (R - mean R): group 7: 3/2 * (1 - 1/3) = 1
     assert rloo_advantages(REWARDS, GROUPS)[0].item() == pytest.approx(1.5 * (1 - 1 / 3))
@@ -59,7 +59,8 @@ def test_grpo_std_normalised_by_hand():
             0.25 / (s3 + eps),
             -0.25 / (s3 + eps),
             0.0,
-        ]
+        ],
+        dtype=torch.float64,
     )
     torch.testing.assert_close(grpo_advantages(REWARDS, GROUPS), expected)
     # a group whose rewards are all equal gets 0, not 0/eps noise
@@ -67,8 +68,22 @@ def test_grpo_std_normalised_by_hand():
 
 
 def test_dr_grpo_centred_only_by_hand():
-    expected = torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.25, -0.25, 0.0])
+    expected = torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.25, -0.25, 0.0], dtype=torch.float64)
     torch.testing.assert_close(dr_grpo_advantages(REWARDS, GROUPS), expected)
+
+
+@pytest.mark.parametrize("name", ["rloo", "grpo", "dr_grpo"])
+def test_an_all_equal_group_of_non_dyadic_rewards_has_exactly_zero_advantage(name):
+    """0.7 has no exact binary form: a group mean computed in float32 (or float64) is off by
+    an ulp, which GRPO's division by a ~0 std blows up; equal rewards must give exactly 0."""
+    rewards = [0.7] * 6 + [0.1, 0.3, 0.3]
+    groups = [0] * 6 + [1, 1, 1]
+    advantages = compute_advantages(name, torch.tensor(rewards, dtype=torch.float32), groups)
+    assert advantages.dtype == torch.float64
+    assert advantages[:6].tolist() == [0.0] * 6
+    assert advantages[6:].abs().min() > 0.05
+    with pytest.raises(ValueError, match=r"rewards must be finite, got \[nan\]"):
+        compute_advantages(name, [1.0, float("nan")], [0, 0])
 
 
 def test_estimators_ignore_group_order_and_labels():
@@ -216,6 +231,8 @@ def test_metrics_by_hand():
     assert metrics["mismatch/kl"] == pytest.approx(0.2)  # (0.1+0.3+0.2)/3
     assert metrics["adv/mean"] == pytest.approx(1.0)  # (3+3-3)/3
     assert metrics["adv/std"] == pytest.approx(math.sqrt(8.0))  # ((2^2)*2 + 4^2)/3 = 8
+    # logp - mean = (1/6, -5/6, 2/3), A - mean = (2, 2, -4): (1/3 - 5/3 - 8/3) / 3
+    assert metrics["entropy/cov_logp_adv"] == pytest.approx(-4 / 3)
     assert metrics["ratio/mean"] == 1.0 and metrics["clip/low_frac"] == 0.0
     assert metrics["repo/zeta"] == 0.0  # REPO off
 
@@ -268,8 +285,8 @@ def test_repo_variants_by_hand_and_without_gradient():
     entropy = torch.tensor([[1.0, 1.0]], requires_grad=True)
     # L = logp + H = (0.5, -2.0), zeta = 0.1
     expected = {
-        "d": [2.0 - 0.1 * 0.5, -2.0 + 0.1 * 2.0],
-        "r": [2.0 - 0.1 * 2.0 * 0.5, -2.0],
+        "const_beta": [2.0 - 0.1 * 0.5, -2.0 + 0.1 * 2.0],
+        "r_submitted": [2.0 - 0.1 * 2.0 * 0.5, -2.0],
         "r_sym": [2.0 - 0.1 * 2.0 * 0.5, -2.0 + 0.1 * 2.0 * 2.0],
         "none": [2.0, -2.0],
     }
@@ -281,11 +298,49 @@ def test_repo_variants_by_hand_and_without_gradient():
         repo_shaped_advantages(advantages, logprobs, entropy, "x", 0.1)
 
 
+def test_repo_r_arxiv_form_by_hand_both_signs_both_clamps_and_its_bounds():
+    """``A > 0: max(A (1 - zeta logp), 0)``, ``A < 0: min(A (1 + zeta logp), 0)`` with the raw
+    log-prob (``r``) or the centred one (``r_centred``); zeta in [1e-4, 0.05] by default."""
+    advantages = torch.tensor([[2.0, -2.0, 2.0, -2.0, 0.0]])
+    logprobs = torch.tensor([[-0.5, -0.5, -30.0, -30.0, -1.0]])
+    entropy = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0]])
+    raw = repo_shaped_advantages(advantages, logprobs, entropy, "r", 0.05)
+    # rare correct token boosted, common one boosted less; the rare wrong token's penalty
+    # 2 * (1 - 0.05 * 30) = -1 < 0 would flip its sign: clamped to 0
+    expected = [2.0 * 1.025, -2.0 * 0.975, 2.0 * 2.5, 0.0, 0.0]
+    torch.testing.assert_close(raw, torch.tensor([expected]))
+    centred = repo_shaped_advantages(advantages, logprobs, entropy, "r_centred", 0.05)
+    # L = logp + H = (0.5, 0.5, -29, -29, 0): a likely token (L > 0) is damped on both signs
+    expected = [2.0 * 0.975, -2.0 * 1.025, 2.0 * 2.45, 0.0, 0.0]
+    torch.testing.assert_close(centred, torch.tensor([expected]))
+    # a large zeta cannot flip a positive advantage of a likely token either
+    big = repo_shaped_advantages(
+        torch.tensor([[2.0]]), torch.tensor([[-0.1]]), torch.tensor([[5.0]]), "r_centred", 1.0
+    )
+    assert big.item() == 0.0
+    defaults = RepoConfig(variant="r")
+    assert (defaults.zeta_min, defaults.zeta_max) == (1e-4, 0.05)
+    with pytest.raises(ValueError, match="zeta_min <= zeta_init <= zeta_max"):
+        RepoConfig(variant="r", zeta_init=0.1)
+
+
+def test_faithful_controller_has_no_dead_band_and_no_smoothing():
+    faithful = RepoConfig(variant="r", controller="faithful")
+    assert faithful.dead_band == 0.0 and faithful.smoothing == 0.0
+    controller = ZetaController(faithful)
+    assert controller.step(1.0) == 0.02 and controller.target == 1.0  # the initial entropy
+    assert controller.step(0.999) == 0.04  # any shortfall doubles: no band
+    assert controller.step(1.001) == 0.02
+    with pytest.raises(ValueError, match="controller 'faithful' has no smoothing"):
+        RepoConfig(controller="faithful", smoothing=0.5)
+    assert AdapoConfig(controller="faithful").dead_band == 0.0
+
+
 def test_policy_loss_reports_repo_zeta_and_shaped_advantages():
     inputs = _inputs(
         torch.tensor([[-0.5, -3.0]]), [2.0], torch.ones(1, 2), entropy=torch.tensor([[1.0, 1.0]])
     )
-    cfg = ObjectiveConfig(repo=RepoConfig(variant="r"))
+    cfg = ObjectiveConfig(repo=RepoConfig(variant="r_submitted", zeta_max=1.0))
     _, metrics = policy_loss(inputs, cfg, zeta=0.1, eps_high=0.28)
     assert metrics["repo/zeta"] == 0.1
     # shaped: 2 - 0.1*2*0.5 = 1.9 and 2 - 0.1*2*(-2) = 2.4
@@ -297,11 +352,13 @@ def test_policy_loss_reports_repo_zeta_and_shaped_advantages():
     [
         ObjectiveConfig(),
         ObjectiveConfig(repo=RepoConfig(variant="r")),
+        ObjectiveConfig(repo=RepoConfig(variant="r_centred")),
+        ObjectiveConfig(repo=RepoConfig(variant="r_submitted")),
         ObjectiveConfig(repo=RepoConfig(variant="r_sym")),
-        ObjectiveConfig(repo=RepoConfig(variant="d")),
+        ObjectiveConfig(repo=RepoConfig(variant="const_beta")),
         ObjectiveConfig(entropy_coef=0.01),
     ],
-    ids=["none", "r", "r_sym", "d", "entropy_bonus"],
+    ids=["none", "r", "r_centred", "r_submitted", "r_sym", "const_beta", "entropy_bonus"],
 )
 def test_has_learning_signal_says_whether_the_loss_has_a_gradient(cfg):
     """The predicate the loop uses to skip an update agrees with the loss's actual gradient for
@@ -344,7 +401,7 @@ def _gradient(variant: str, zeta: float) -> torch.Tensor:
     return grad
 
 
-@pytest.mark.parametrize("variant", ["d", "r", "r_sym"])
+@pytest.mark.parametrize("variant", ["const_beta", "r", "r_centred", "r_submitted", "r_sym"])
 def test_repo_step_raises_entropy_relative_to_no_shaping(variant):
     step = 1.0
     plain = _entropy(LOGITS - step * _gradient("none", 0.0))
@@ -358,7 +415,7 @@ def test_repo_d_shaping_gradient_is_zeta_grad_entropy_by_enumeration():
     logits = LOGITS.clone().requires_grad_()
     (grad_entropy,) = torch.autograd.grad(_entropy(logits), logits)
     # descent on the loss moves the logits along -(g_shaped - g_plain) = +zeta grad H
-    shaping = _gradient("d", zeta) - _gradient("none", 0.0)
+    shaping = _gradient("const_beta", zeta) - _gradient("none", 0.0)
     torch.testing.assert_close(shaping, -zeta * grad_entropy, atol=1e-14, rtol=0)
 
 
@@ -388,7 +445,12 @@ def test_theorem1_entropy_change_matches_covariance():
 # ---------------------------------------------------------------- controllers
 def test_zeta_controller_direction_dead_band_and_bounds():
     cfg = RepoConfig(
-        variant="d", zeta_init=0.02, zeta_min=0.005, zeta_max=0.05, factor=2.0, dead_band=0.05
+        variant="const_beta",
+        zeta_init=0.02,
+        zeta_min=0.005,
+        zeta_max=0.05,
+        factor=2.0,
+        dead_band=0.05,
     )
     controller = ZetaController(cfg)
     assert controller.step(1.0) == 0.02 and controller.target == 1.0  # first batch sets the target

@@ -1,9 +1,13 @@
 """Episode-level advantage estimators over groups of K episodes of the same task (methods.md).
 
 Every estimator takes ``rewards [B]`` and ``group_ids [B]`` (any integer labels; groups may have
-unequal sizes and need not be contiguous) and returns ``advantages [B]`` in the rewards' float
-dtype. An episode alone in its group has nothing to be compared with: its advantage is 0. The
-episode advantage is later broadcast to every sampled token of the episode.
+unequal sizes and need not be contiguous) and returns ``advantages [B]`` in float64: rewards and
+advantages stay in float64 until they meet the loss (in float32 an all-equal group of 0.7s gets
+a GRPO advantage of up to 0.056, and the no-signal skip misfires). An episode alone in its group,
+or in a group whose rewards are all equal, has nothing to be compared with: its advantage is
+exactly 0. Rewards must be finite (the rollout marks an episode with a non-finite reward as an
+environment error, so it never reaches here). The episode advantage is later broadcast to every
+sampled token of the episode.
 """
 
 from __future__ import annotations
@@ -17,10 +21,24 @@ GRPO_EPS = 1e-6
 
 
 def _as_rewards(rewards: Tensor | Sequence[float]) -> Tensor:
-    rewards = torch.as_tensor(rewards)
+    rewards = torch.as_tensor(rewards).to(torch.float64)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must have shape [B], got {tuple(rewards.shape)}")
-    return rewards if rewards.is_floating_point() else rewards.to(torch.float32)
+    if not torch.isfinite(rewards).all():
+        bad = rewards[~torch.isfinite(rewards)].tolist()
+        raise ValueError(f"rewards must be finite, got {bad}")
+    return rewards
+
+
+def _has_spread(rewards: Tensor, group_index: Tensor) -> Tensor:
+    """For each episode, whether its group holds at least two different rewards [B] bool: an
+    all-equal group gets an advantage of exactly 0, whatever the rounding of its mean."""
+    groups = int(group_index.max()) + 1 if len(group_index) else 0
+    high = torch.full((groups,), -torch.inf, dtype=rewards.dtype)
+    low = torch.full((groups,), torch.inf, dtype=rewards.dtype)
+    high = high.scatter_reduce(0, group_index, rewards, reduce="amax")
+    low = low.scatter_reduce(0, group_index, rewards, reduce="amin")
+    return (high > low)[group_index]
 
 
 def _group_index(rewards: Tensor, group_ids: Tensor | Sequence[int]) -> Tensor:
@@ -52,7 +70,8 @@ def rloo_advantages(rewards: Tensor | Sequence[float], group_ids: Tensor | Seque
         _group_sum(rewards, group_index),
     )
     others_mean = (sums - rewards) / (sizes - 1).clamp(min=1)
-    return torch.where(sizes > 1, rewards - others_mean, torch.zeros_like(rewards))
+    keep = (sizes > 1) & _has_spread(rewards, group_index)
+    return torch.where(keep, rewards - others_mean, torch.zeros_like(rewards))
 
 
 def grpo_advantages(
@@ -70,7 +89,8 @@ def grpo_advantages(
     centred = rewards - _group_sum(rewards, group_index) / sizes
     squares = _group_sum(centred.square(), group_index)
     std = (squares / (sizes - 1).clamp(min=1)).sqrt()
-    return torch.where(sizes > 1, centred / (std + eps), torch.zeros_like(rewards))
+    keep = (sizes > 1) & _has_spread(rewards, group_index)
+    return torch.where(keep, centred / (std + eps), torch.zeros_like(rewards))
 
 
 def dr_grpo_advantages(
@@ -82,9 +102,10 @@ def dr_grpo_advantages(
     """
     rewards = _as_rewards(rewards)
     group_index = _group_index(rewards, group_ids)
-    return rewards - _group_sum(rewards, group_index) / _group_sum(
+    centred = rewards - _group_sum(rewards, group_index) / _group_sum(
         torch.ones_like(rewards), group_index
     )
+    return torch.where(_has_spread(rewards, group_index), centred, torch.zeros_like(rewards))
 
 
 def loop_keep_mask(advantages: Tensor, threshold: float) -> Tensor:

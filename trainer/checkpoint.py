@@ -5,7 +5,6 @@ so a run killed at any moment (SIGKILL included) resumes from its last complete 
 
 from __future__ import annotations
 
-import copy
 import random
 import re
 import shutil
@@ -16,6 +15,7 @@ import torch
 
 from agent.io import replace_dir
 from trainer.distributed import barrier
+from trainer.learner import hf_model
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
@@ -54,13 +54,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def export_weights(lm, weights: dict) -> dict:
-    """With LoRA, checkpoints hold merged full weights so transformers and vLLM load them as-is."""
-    if hasattr(lm, "merge_and_unload"):
-        return copy.deepcopy(lm).merge_and_unload().state_dict()
-    return weights
-
-
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -77,13 +70,13 @@ def save_checkpoint(
     folder = run_dir / "checkpoints"
     final = folder / f"step_{step}"
     tmp = folder / f".tmp_step_{step}"
+    # every rank gathers (ZeRO-3); with LoRA the weights are merged under the base names, and
+    # the base model's class writes them, so transformers and vLLM load the folder as it is
     weights = dict(learner.named_weights())
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        learner.lm.save_pretrained(
-            tmp, state_dict=export_weights(learner.lm, weights), safe_serialization=True
-        )
+        hf_model(learner.lm).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / TRAINER_STATE)
     barrier()

@@ -78,19 +78,40 @@ class RolloutConfig(_Section):
         }
 
 
-class RepoConfig(_Section):
-    """REPO: advantage shaping with the centred log-prob (methods.md)."""
+def _faithful_controller(data: Any) -> Any:
+    """``controller: faithful`` -> no dead band and no smoothing (methods.md: the paper's rule is
+    plain doubling/halving toward the initial entropy; the band and the smoothing are ours).
+    Setting either to a nonzero value beside it is an error, not silently overridden."""
+    if not isinstance(data, dict) or data.get("controller") != "faithful":
+        return data
+    for key in ("dead_band", "smoothing"):
+        if data.get(key, 0.0) not in (0, 0.0):
+            raise ValueError(
+                f"controller 'faithful' has no {key}; got {key}={data[key]} (drop it, or use "
+                "controller 'eprl')"
+            )
+    return {**data, "dead_band": 0.0, "smoothing": 0.0}
 
-    variant: Literal["none", "d", "r", "r_sym"] = "none"
+
+class RepoConfig(_Section):
+    """REPO: advantage shaping with the sampled token's log-prob (methods.md; the variants are
+    documented in :func:`trainer.objectives.repo_shaped_advantages`)."""
+
+    variant: Literal["none", "r", "r_centred", "r_submitted", "r_sym", "const_beta"] = "none"
     zeta_init: float = Field(0.02, ge=0)
     zeta_min: float = Field(1e-4, ge=0)
-    zeta_max: float = Field(1.0, ge=0)
+    # the arXiv version's bound; larger zeta can flip an advantage's sign in the unclamped forms
+    zeta_max: float = Field(0.05, ge=0)
     factor: float = Field(2.0, gt=1)
+    # eprl: a dead band and smoothing of our own (the defaults); faithful: neither (the paper's)
+    controller: Literal["eprl", "faithful"] = "eprl"
     dead_band: float = Field(0.05, ge=0, lt=1, description="relative band around the target")
     smoothing: float = Field(
         0.0, ge=0, lt=1, description="EMA weight of the past in the controlled entropy (0: raw)"
     )
     target_entropy: float | None = Field(None, description="None -> entropy of the first batch")
+
+    _preset = model_validator(mode="before")(_faithful_controller)
 
     @model_validator(mode="after")
     def _bounds(self) -> RepoConfig:
@@ -109,9 +130,12 @@ class AdapoConfig(_Section):
     eps_high_min: float | None = Field(None, description="None -> objective.eps_low")
     eps_high_max: float = Field(0.5, gt=0)
     factor: float = Field(1.1, gt=1)
+    controller: Literal["eprl", "faithful"] = "eprl"
     dead_band: float = Field(0.05, ge=0, lt=1)
     smoothing: float = Field(0.0, ge=0, lt=1)
     target_entropy: float | None = None
+
+    _preset = model_validator(mode="before")(_faithful_controller)
 
 
 class ObjectiveConfig(_Section):
@@ -146,6 +170,9 @@ class DeepSpeedConfig(_Section):
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
+    # how long a collective waits for the other ranks before the group fails (an evaluation or a
+    # slow rollout on one rank must end within it)
+    timeout_s: float = Field(1800.0, gt=0)
 
 
 class LoraConfig(_Section):
@@ -177,14 +204,19 @@ class TrainerConfig(_Section):
     # objectives.has_learning_signal) makes no update: AdamW would otherwise keep stepping along
     # its momentum; logged as train/no_signal
     skip_no_signal: bool = True
+    # recompute each layer's activations in the backward instead of keeping them: less memory
+    # for long AppWorld episodes at 7B-32B, about a third more compute
+    gradient_checkpointing: bool = False
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     lora: LoraConfig = LoraConfig()
 
 
 class PrecisionConfig(_Section):
-    """The loss path's arithmetic. `bf16` exists only to reproduce the failure (methods.md)."""
+    """The loss path's arithmetic. `bf16` exists only to reproduce the failure (methods.md);
+    `fp16` is the "FP16 fix" reading of the paper's headline row (with a static loss scale in the
+    backward): pair it with `policy.vllm.dtype: float16` so the sampler rounds the same way."""
 
-    loss: Literal["fp32", "bf16"] = "fp32"
+    loss: Literal["fp32", "bf16", "fp16"] = "fp32"
     # 256 keeps the extra memory of a 4096-token sequence with a 49k vocabulary under 256 MB
     # (benchmarks/results/loss_path_memory.md); larger chunks are faster on GPUs with memory to spare
     chunk_size: int = Field(256, ge=1, description="tokens per chunk of the LM-head projection")

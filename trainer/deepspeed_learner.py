@@ -17,6 +17,7 @@ the logits. After each step, :meth:`named_weights` gathers full weights (ZeRO-3)
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 from collections.abc import Iterator
@@ -26,11 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import RunConfig
+from trainer.distributed import all_reduce, any_rank, is_distributed
 from trainer.learner import (
     LogprobModel,
     MetricAccumulator,
     TorchLearner,
     TrainBatch,
+    enable_gradient_checkpointing,
+    export_state,
     lr_lambda,
     micro_batches,
     micro_weight,
@@ -38,8 +42,9 @@ from trainer.learner import (
 from trainer.precision import loss_compute_dtype
 
 
-def init_distributed(device: torch.device) -> None:
-    """Initialise torch.distributed for DeepSpeed (nccl on GPU, gloo on CPU).
+def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> None:
+    """Initialise torch.distributed for DeepSpeed (nccl on GPU, gloo on CPU), with collectives
+    that give up after ``timeout_s`` (``trainer.deepspeed.timeout_s``).
 
     A single process started without a launcher gets a one-process group on loopback (DeepSpeed
     would otherwise try MPI discovery)."""
@@ -54,7 +59,10 @@ def init_distributed(device: torch.device) -> None:
     ):
         os.environ.setdefault(key, value)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(
+            dist_backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
 
 
 def deepspeed_config(cfg: RunConfig) -> dict:
@@ -88,10 +96,11 @@ class DeepSpeedLearner(TorchLearner):
     ) -> None:
         import deepspeed
 
-        init_distributed(device)
+        init_distributed(device, cfg.trainer.deepspeed.timeout_s)
         self.cfg = cfg
         self.device = device
         self.lm = lm.to(device=device, dtype=torch.float32)
+        enable_gradient_checkpointing(self.lm, cfg)
         # the bf16 engine casts the module; the FP32 path upcasts inside the head, no autocast
         self.module = LogprobModel(
             self.lm,
@@ -127,17 +136,39 @@ class DeepSpeedLearner(TorchLearner):
         self.forward = self.engine  # logprobs() and the loss run through the engine
 
     def update(self, batch: TrainBatch, zeta: float, eps_high: float) -> dict[str, float]:
+        """One optimizer step over this rank's share of the mini-batch.
+
+        Ranks may hold different numbers of rows and tokens (after the LOOP and overlong
+        filters). Two things make that exact: the rank's loss is weighted by its share of the
+        global batch (tokens for ``token_mean``, rows otherwise), so the gradient DeepSpeed
+        averages over ranks is the global batch's, not the mean of per-rank means; and every
+        rank runs the same number of forward/backward passes (ZeRO-2 reduces gradients in each
+        backward, ZeRO-3 gathers parameters in each forward: unequal counts hang), a rank with
+        fewer micro-batches padding with zero-weight ones (the loss times 0: an exact zero
+        gradient whatever the objective's terms)."""
         self.forward.train()
         metrics = MetricAccumulator()
         total_loss = 0.0
         micros = list(micro_batches(batch, self.cfg.trainer.micro_batch_size))
-        for index, micro in enumerate(micros):
-            self.engine.set_gradient_accumulation_boundary(index == len(micros) - 1)
-            weight = micro_weight(micro, batch, self.cfg.objective.aggregation)
+        if not micros:
+            raise ValueError("a DeepSpeed update needs at least one row on every rank")
+        aggregation = self.cfg.objective.aggregation
+        local = float(batch.loss_mask.sum()) if aggregation == "token_mean" else float(len(batch))
+        sizes = all_reduce(torch.tensor([local, float(len(micros))], dtype=torch.float64), "sum")
+        count = int(all_reduce(torch.tensor([float(len(micros))]), "max").item())
+        world = torch.distributed.get_world_size() if is_distributed() else 1
+        # the rank's share relative to an even split: 1 when every rank holds the same amount
+        share = local * world / max(float(sizes[0]), 1.0)
+        for index in range(count):
+            self.engine.set_gradient_accumulation_boundary(index == count - 1)
+            padding = index >= len(micros)
+            micro = micros[0] if padding else micros[index]
+            weight = 0.0 if padding else micro_weight(micro, batch, aggregation) * share
             loss, m = self._micro_loss(micro.to(self.device), zeta, eps_high)
             self.engine.backward(loss * weight, scale_wrt_gas=False)
-            total_loss += float(loss.detach()) * weight
-            metrics.add(m, float(micro.loss_mask.sum()))
+            if not padding:
+                total_loss += float(loss.detach()) * weight
+                metrics.add(m, float(micro.loss_mask.sum()))
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         out = metrics.result()
@@ -148,8 +179,10 @@ class DeepSpeedLearner(TorchLearner):
                 "optim/lr": self.scheduler.get_last_lr()[0],
             }
         )
-        finite = math.isfinite(total_loss)
-        if not finite:
+        # one decision for all ranks: a rank that skipped the step alone would leave the others
+        # waiting in the step's collectives
+        local_bad = not (math.isfinite(total_loss) and _local_grads_finite(self.module))
+        if any_rank(local_bad):
             self.engine.zero_grad()
             out["nonfinite"] = 1.0
             return out
@@ -171,7 +204,7 @@ class DeepSpeedLearner(TorchLearner):
         )
         with gather:
             state = {name: t.detach().float().clone() for name, t in self.lm.state_dict().items()}
-        yield from state.items()
+        yield from export_state(self.lm, state).items()
 
     def save_state(self, folder: Path) -> None:
         """The engine's own (partitioned) optimizer/scheduler state; every rank must call it."""
@@ -179,3 +212,14 @@ class DeepSpeedLearner(TorchLearner):
 
     def load_state(self, folder: Path) -> None:
         self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+
+
+def _local_grads_finite(module: nn.Module) -> bool:
+    """Whether the gradients this rank holds are finite, checked before ``engine.step()``.
+
+    Under ZeRO-1 the full gradients sit in ``.grad``; under ZeRO-2/3 DeepSpeed moves each rank's
+    partition into its own buffers and ``.grad`` may be None. The loss's finiteness (checked
+    beside this) covers what this misses, and the engine's grad norm after the step is checked
+    too."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return all(bool(torch.isfinite(g).all()) for g in grads)

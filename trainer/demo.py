@@ -1,6 +1,8 @@
 """`make demo` / `eprl demo`: train the embedded model with the quick-start config, then evaluate
 the trained policy against the untrained one on the held-out split and print both, with the
-entropy at the start and the end of training."""
+entropy at the start and the end of training. Every held-out number carries its 95% bootstrap
+interval (:mod:`trainer.evaluation.intervals`), and each trained - untrained difference its
+paired interval over the same tasks, with whether it excludes zero."""
 
 from __future__ import annotations
 
@@ -11,7 +13,17 @@ from pathlib import Path
 
 from agent.io import atomic_write_text
 from trainer.config import load_config
-from trainer.episodes import cut_at_cap, sampled_entropy
+from trainer.evaluation.compare import paired_differences
+from trainer.evaluation.intervals import (
+    Bootstrap,
+    episode_mean,
+    excludes_zero,
+    paired_difference,
+    per_token,
+    record_samples,
+    score_intervals,
+)
+from trainer.evaluation.metrics import per_task_rows, records_of_episodes
 from trainer.logger import read_metrics
 from trainer.loop import new_run_dir
 from trainer.tasks import held_out_tasks, split_task_ids
@@ -19,7 +31,9 @@ from trainer.tasks import held_out_tasks, split_task_ids
 HELD_OUT_SPLIT = "test"
 
 
-def _evaluate(trainer, split: str, num_tasks: int, k: int) -> dict[str, float]:
+def _evaluate(trainer, split: str, num_tasks: int, k: int) -> dict:
+    """Held-out pass@1 / pass@k, reward, stopped share and sampled-token entropy (all answers and
+    those that stop before the cap), with their intervals and counts, and the per-task records."""
     from trainer.evaluation.runner import evaluate_policy
 
     cfg = trainer.cfg
@@ -35,10 +49,62 @@ def _evaluate(trainer, split: str, num_tasks: int, k: int) -> dict[str, float]:
         progress=cfg.logging.progress,
         **cfg.rollout.budget(),
     )
-    summary["entropy/sampled"] = sampled_entropy(episodes)
-    summary["entropy/sampled_stopped"] = sampled_entropy(episodes, stopped_only=True)
-    summary["stopped_frac"] = sum(not cut_at_cap(ep) for ep in episodes) / len(episodes)
-    return summary
+    records = records_of_episodes(episodes, trainer.chat.tokenizer)
+    return {"metrics": summary, "records": records, **score_intervals(records, k, BOOTSTRAP)}
+
+
+BOOTSTRAP = Bootstrap()
+ROWS = (
+    ("pass@1", "pass@1"),
+    ("pass@{k}", "pass@{k}"),
+    ("reward/mean", "mean reward"),
+    ("response/stopped_frac", "responses that stop before the cap"),
+    ("entropy/sampled", "entropy of sampled tokens (held-out)"),
+    ("entropy/sampled_stopped", "entropy of sampled tokens, answers that stop (held-out)"),
+)
+
+
+def _with_interval(side: dict, key: str) -> str:
+    value, bounds = side["metrics"].get(key), side["intervals"].get(key)
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + ("" if bounds is None else f" [{bounds[0]:.3f}, {bounds[1]:.3f}]")
+
+
+def _differences(before: dict, after: dict, k: int) -> dict[str, dict]:
+    """trainer - untrained of every held-out score with its paired bootstrap interval."""
+    sides = [{"k": k, "per_task": per_task_rows(side["records"], k)} for side in (before, after)]
+    out = paired_differences(*sides, BOOTSTRAP)["differences"]
+    a, b = record_samples(before["records"]), record_samples(after["records"])
+    common = [task for task in a.task_ids if task in set(b.task_ids)]
+    a, b = a.rows(common), b.rows(common)
+    for key, statistic in (
+        ("response/stopped_frac", episode_mean("stopped")),
+        ("entropy/sampled", per_token()),
+        ("entropy/sampled_stopped", per_token("stopped")),
+    ):
+        if before["metrics"][key] is not None and after["metrics"][key] is not None:
+            difference, bounds = paired_difference(a, b, statistic, BOOTSTRAP)
+            out[key] = {
+                "difference": difference,
+                "interval": bounds,
+                "excludes_zero": excludes_zero(bounds),
+                "tasks": len(common),
+            }
+    return out
+
+
+def _difference_text(entry: dict | None) -> str:
+    if entry is None or entry["interval"] is None:
+        return "-"
+    low, high = entry["interval"]
+    shown = "excludes 0" if entry["excludes_zero"] else "contains 0"
+    return f"{entry['difference']:+.3f} [{low:+.3f}, {high:+.3f}] ({shown})"
+
+
+def _relative_change(before: dict, after: dict, key: str) -> float | None:
+    start, end = before["metrics"][key], after["metrics"][key]
+    return end / start - 1.0 if start and end is not None else None
 
 
 def run_demo(
@@ -87,57 +153,76 @@ def run_demo(
     # the start: the untrained policy's entropy measured over ~10 batches when the run measured
     # its controllers' target, else the first batch's (one batch: +-30 % noise)
     entropy_start = targets[0] if measured else entropies[0]
-    entropy_end = sum(entropies[-3:]) / len(entropies[-3:])
+    last = entropies[-3:]
+    entropy_end = sum(last) / len(last)
+    differences = _differences(before, after, k)
+    gain = differences["pass@1"]
     summary = {
-        "before": before,
-        "after": after,
+        "before": before["metrics"],
+        "after": after["metrics"],
+        # [lo, hi] of each score (95% bootstrap over tasks and samples) and what it rests on
+        "intervals": {"before": before["intervals"], "after": after["intervals"]},
+        "counts": {"before": before["counts"], "after": after["counts"]},
+        "bootstrap": before["bootstrap"],
+        # trained - untrained over the same tasks, each with its paired bootstrap interval
+        "differences": differences,
+        "pass@1_gain_excludes_zero": gain["excludes_zero"],
         "entropy_start": entropy_start,
         "entropy_end": entropy_end,
+        "entropy_end_range": [min(last), max(last)],
         "entropy_change": entropy_end / entropy_start - 1.0,
         "entropy_start_from": "untrained policy (target)" if measured else "step 1",
         # the same held-out prompts before and after: the entropy comparison without batch noise
-        "held_out_entropy_change": after["entropy/sampled"] / before["entropy/sampled"] - 1.0,
+        "held_out_entropy_change": _relative_change(before, after, "entropy/sampled"),
         # ... on the answers that stop before the cap: what an overlong-filtered run regulates
         # (a truncated ramble samples at several times the entropy of a finished answer, so the
         # all-answer figure moves with the share of rambles)
-        "held_out_entropy_change_stopped": after["entropy/sampled_stopped"]
-        / before["entropy/sampled_stopped"]
-        - 1.0,
+        "held_out_entropy_change_stopped": _relative_change(
+            before, after, "entropy/sampled_stopped"
+        ),
         "minutes": (time.perf_counter() - started) / 60,
         "run_dir": str(run_dir),
         "held_out_split": HELD_OUT_SPLIT,
-        "num_tasks": int(before["tasks"]),  # fewer than asked when the split has fewer
+        "num_tasks": int(before["metrics"]["tasks"]),  # fewer than asked when the split has fewer
         "k": k,
     }
     atomic_write_text(Path(run_dir) / "demo_summary.json", json.dumps(summary, indent=2))
 
     table = Table(
-        title=f"held-out {HELD_OUT_SPLIT} split: {summary['num_tasks']} tasks x {k} samples (T={cfg.eval.temperature})"
+        title=f"held-out {HELD_OUT_SPLIT} split: {summary['num_tasks']} tasks x {k} samples "
+        f"(T={cfg.eval.temperature}); [95% bootstrap interval]"
     )
-    for col in ("", "untrained", "trained"):
+    for col in ("", "untrained", "trained", "trained - untrained, paired [95%]"):
         table.add_column(col)
-    for key, label in (
-        ("pass@1", "pass@1"),
-        (f"pass@{k}", f"pass@{k}"),
-        ("reward/mean", "mean reward"),
-        ("stopped_frac", "responses that stop before the cap"),
-    ):
-        table.add_row(label, f"{before[key]:.3f}", f"{after[key]:.3f}")
-    table.add_row(
-        "entropy of sampled tokens (held-out)",
-        f"{before['entropy/sampled']:.3f}",
-        f"{after['entropy/sampled']:.3f} ({summary['held_out_entropy_change']:+.1%})",
-    )
-    table.add_row(
-        "entropy of sampled tokens, answers that stop (held-out)",
-        f"{before['entropy/sampled_stopped']:.3f}",
-        f"{after['entropy/sampled_stopped']:.3f} ({summary['held_out_entropy_change_stopped']:+.1%})",
-    )
+    relative = {
+        "entropy/sampled": summary["held_out_entropy_change"],
+        "entropy/sampled_stopped": summary["held_out_entropy_change_stopped"],
+    }
+    for key, label in ROWS:
+        key, label = key.format(k=k), label.format(k=k)
+        change = relative.get(key)
+        table.add_row(
+            label,
+            _with_interval(before, key),
+            _with_interval(after, key) + ("" if change is None else f" ({change:+.1%})"),
+            _difference_text(differences.get(key)),
+        )
     table.add_row(
         "entropy of sampled tokens (train)",
         f"{entropy_start:.3f} ({'untrained' if measured else 'step 1'})",
-        f"{entropy_end:.3f} (last 3 steps, {summary['entropy_change']:+.1%})",
+        f"{entropy_end:.3f} (last 3 steps: {min(last):.3f}..{max(last):.3f})",
+        f"{summary['entropy_change']:+.1%}",
     )
     console.print(table)
+    low, high = gain["interval"]
+    console.print(
+        f"pass@1 gain {gain['difference']:+.3f}, 95% paired interval [{low:+.3f}, {high:+.3f}] "
+        f"over {gain['tasks']} tasks: "
+        + (
+            "excludes 0, the gain is outside the evaluation's noise"
+            if gain["excludes_zero"]
+            else "contains 0, the gain is within the evaluation's noise"
+        )
+    )
     console.print(f"report: {run_dir}/report.md   ({summary['minutes']:.1f} min)")
     return summary

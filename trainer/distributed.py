@@ -40,13 +40,39 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where the process group's collectives take their tensors: the rank's GPU for NCCL (which
+    rejects CPU tensors), the CPU for gloo. Every collective of the loop goes through here."""
+    if is_distributed() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``values`` reduced over the ranks (``op`` sum or max) on :func:`collective_device`,
+    returned on the CPU; the values themselves in a single process."""
+    if not is_distributed():
+        return values
+    reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+    if op not in reduce_op:
+        raise ValueError(f"op must be 'sum' or 'max', got {op!r}")
+    on_device = values.to(collective_device())
+    torch.distributed.all_reduce(on_device, op=reduce_op[op])
+    return on_device.cpu()
+
+
+def gather_objects(value: object) -> list:
+    """Every rank's ``value`` (picklable), in rank order, on every rank; ``[value]`` alone."""
+    if not is_distributed():
+        return [value]
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """``flag`` or-ed over the data-parallel ranks (itself in a single process)."""
-    if not is_distributed():
-        return flag
-    value = torch.tensor([float(flag)])
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(all_reduce(torch.tensor([float(flag)]), "max").item())
 
 
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -57,10 +83,8 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     if world == 1:
         return metrics
     keys = sorted(metrics)
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    maxima = values.clone()
-    torch.distributed.all_reduce(values)
-    torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
+    local = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    values, maxima = all_reduce(local, "sum"), all_reduce(local, "max")
     return {
         k: float(maxima[i] if k.endswith("/max") else values[i] / world) for i, k in enumerate(keys)
     }

@@ -30,14 +30,6 @@ def sampled_nll(episodes, skip_cut: bool = False) -> tuple[float, int]:
     return float(sum(nll)), len(nll)
 
 
-def sampled_entropy(episodes, stopped_only: bool = False) -> float:
-    """Mean ``-log pi(token)`` over the sampled tokens of ``episodes`` (an estimate of the
-    per-token entropy, in nats); with ``stopped_only`` over the answers that ended before the
-    token cap only, the tokens an overlong-filtered run trains on and regulates. NaN if none."""
-    nll, tokens = sampled_nll(episodes, skip_cut=stopped_only)
-    return nll / tokens if tokens else float("nan")
-
-
 def _mean(values) -> float:
     values = list(values)
     return float(sum(values) / len(values)) if values else 0.0
@@ -48,12 +40,35 @@ def is_trainable(episode) -> bool:
     return episode.error is None and episode.num_sampled_tokens > 0
 
 
+def group_spread(episodes: Sequence) -> dict[str, float]:
+    """The spread of the step across its groups (one task's K episodes each): the lowest and
+    highest group mean reward (over every episode of the group) and sampler NLL per token (over
+    the trainable ones; groups without a sampled token are left out). NaN without groups."""
+    groups: dict[int, list] = {}
+    for ep in episodes:
+        groups.setdefault(ep.group_id, []).append(ep)
+    rewards = [_mean(ep.reward for ep in group) for group in groups.values()]
+    nlls = []
+    for group in groups.values():
+        nll, tokens = sampled_nll([ep for ep in group if is_trainable(ep)])
+        if tokens:
+            nlls.append(nll / tokens)
+    nan = float("nan")
+    return {
+        "reward/group_min": min(rewards, default=nan),
+        "reward/group_max": max(rewards, default=nan),
+        "entropy/sampler_nll_group_min": min(nlls, default=nan),
+        "entropy/sampler_nll_group_max": max(nlls, default=nan),
+    }
+
+
 def rollout_metrics(episodes: Sequence) -> dict[str, float]:
     """What a step reports of its rollout batch (``reward/mean`` over every episode, the
-    response statistics over the trainable ones)."""
+    response statistics over the trainable ones, the spread across groups)."""
     valid = [ep for ep in episodes if is_trainable(ep)]
     nll, tokens = sampled_nll(valid)
     return {
+        **group_spread(episodes),
         "reward/mean": _mean(ep.reward for ep in episodes),
         "success/rate": _mean(float(ep.success) for ep in episodes),
         "episodes/errors": float(len(episodes) - len(valid)),
@@ -108,7 +123,7 @@ def select_episodes(
     if not valid:
         return Selection(valid, [], torch.zeros(0), signal=False)
     metrics: dict[str, float] = {}
-    rewards = torch.tensor([ep.reward for ep in valid])
+    rewards = torch.tensor([ep.reward for ep in valid], dtype=torch.float64)
     groups = torch.tensor([ep.group_id for ep in valid])
     advantages = compute_advantages(objective.advantage, rewards, groups)
     keep = (

@@ -102,8 +102,9 @@ class LogprobModel(nn.Module):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor
     ) -> tuple[Tensor, Tensor]:
-        body = self.lm.base_model
-        head = self.lm.get_output_embeddings()
+        causal_lm = hf_model(self.lm)
+        body = causal_lm.base_model  # the transformer without its head (LlamaModel, ...)
+        head = causal_lm.get_output_embeddings()
         if self.autocast_dtype is not None:
             with torch.autocast(device_type=input_ids.device.type, dtype=self.autocast_dtype):
                 hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -167,6 +168,7 @@ class TorchLearner:
         self.cfg = cfg
         self.device = device
         self.lm = lm.to(device=device, dtype=torch.float32)
+        enable_gradient_checkpointing(self.lm, cfg)
         autocast = torch.bfloat16 if cfg.model.dtype == "bfloat16" else None
         self.module = LogprobModel(
             self.lm,
@@ -280,8 +282,9 @@ class TorchLearner:
         return logprobs.float()
 
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """Full weights with HF names, for pushing to the policy and saving."""
-        yield from self.lm.state_dict().items()
+        """Full weights with HF names, for pushing to the policy and saving (with LoRA, the
+        merged base weights under the base model's names)."""
+        yield from export_state(self.lm, self.lm.state_dict()).items()
 
     def save_state(self, folder: Path) -> None:
         """Optimizer and scheduler state, into a checkpoint folder being written."""
@@ -322,6 +325,52 @@ def build_learner(
 
         return DeepSpeedLearner(lm, cfg, device, total_updates, reference)
     return TorchLearner(lm, cfg, device, total_updates, reference)
+
+
+def enable_gradient_checkpointing(lm: nn.Module, cfg: RunConfig) -> None:
+    """``trainer.gradient_checkpointing``: transformers' per-layer activation recomputation
+    (non-reentrant, so it composes with the FP32 path's custom backward and with LoRA)."""
+    if cfg.trainer.gradient_checkpointing:
+        hf_model(lm).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+
+
+def hf_model(lm: nn.Module) -> nn.Module:
+    """The transformers causal LM inside ``lm``: itself, or the model a peft wrapper holds
+    (whose own ``base_model`` is peft's tuner, not the transformer body)."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+def export_state(lm: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` (``lm.state_dict()``, gathered) under the names transformers and vLLM load.
+
+    Without LoRA it is returned as is. With LoRA every adapted layer's weight is merged,
+    ``W + scaling * B @ A`` (Hu et al., 2021), the adapter tensors are dropped and peft's name
+    prefixes removed (``base_model.model.``, ``.base_layer``), so a checkpoint or a sampler
+    sees a plain model of the base architecture. One layer at a time: no copy of the model."""
+    if not hasattr(lm, "get_base_model"):
+        return state
+    from peft.tuners.lora import LoraLayer
+
+    scalings = {
+        name: module.scaling for name, module in lm.named_modules() if isinstance(module, LoraLayer)
+    }
+    merged: dict[str, Tensor] = {}
+    for key, tensor in state.items():
+        if ".lora_" in key:
+            continue
+        name = key.removeprefix("base_model.model.")
+        layer = key.rsplit(".base_layer.", 1)[0] if ".base_layer." in key else None
+        if layer is not None:
+            name = name.replace(".base_layer.", ".")
+            if key.endswith(".base_layer.weight"):
+                for adapter, scaling in scalings[layer].items():
+                    a = state[f"{layer}.lora_A.{adapter}.weight"].float()
+                    b = state[f"{layer}.lora_B.{adapter}.weight"].float()
+                    tensor = (tensor.float() + scaling * (b @ a)).to(tensor.dtype)
+        merged[name] = tensor
+    return merged
 
 
 def apply_lora(lm: nn.Module, lora: LoraConfig) -> nn.Module:

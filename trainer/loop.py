@@ -15,6 +15,7 @@ plots. ``--resume RUN_DIR`` continues from the last complete checkpoint and the 
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from datetime import datetime
@@ -27,8 +28,8 @@ from trainer import checkpoint as ckpt
 from trainer.config import RunConfig, load_config, save_config
 from trainer.distributed import (
     any_rank,
-    barrier,
     dist_info,
+    gather_objects,
     pick_device,
     reduce_metrics,
     seed_everything,
@@ -61,9 +62,16 @@ class Trainer:
         if cfg.trainer.learner == "deepspeed":
             from trainer.deepspeed_learner import init_distributed
 
-            init_distributed(self.device)
+            init_distributed(self.device, cfg.trainer.deepspeed.timeout_s)
         self.rank, self.world = dist_info()
         self.is_main = self.rank == 0
+        if cfg.rollout.tasks_per_step < self.world:
+            # each rank rolls out its share of the step's tasks: a rank with none has no batch
+            raise ValueError(
+                f"rollout.tasks_per_step={cfg.rollout.tasks_per_step} is less than the "
+                f"{self.world} ranks: every rank needs at least one task per step; raise it to "
+                f"{self.world} or a multiple"
+            )
         seed_everything(cfg.seed + self.rank)
 
         checkpoint = ckpt.latest_checkpoint(self.run_dir) if self.resume else None
@@ -334,30 +342,43 @@ class Trainer:
                 learn.add(out, float(batch.rows(part).loss_mask.sum()))
 
     def evaluate(self) -> dict[str, float]:
-        """pass@1 / pass@k on the eval split at ``eval.temperature`` (rank 0; other ranks wait)."""
+        """pass@1 / pass@k on the eval split at ``eval.temperature``, sharded over the ranks:
+        rank r runs tasks r::world with its own policy (no rank idles inside the group's
+        timeout), the per-task records are gathered and rank 0 summarises them. Sampling seeds
+        depend on the rank, so the numbers depend (within noise) on the number of ranks."""
+        from trainer.evaluation.metrics import records_of_episodes, summarize_tasks
         from trainer.evaluation.runner import evaluate_policy
 
         cfg = self.cfg
-        out: dict[str, float] = {}
-        if self.is_main:
-            summary, _ = evaluate_policy(
+        share = self.eval_tasks[self.rank :: self.world]
+        records = []
+        if share:
+            _, episodes = evaluate_policy(
                 self.policy,
                 self.make_env,
                 self.chat,
-                self.eval_tasks,
+                share,
                 cfg.eval.k,
                 temperature=cfg.eval.temperature,
-                seed=cfg.seed + 99_991,
+                seed=cfg.seed + 99_991 + self.rank * 7_919,
                 **cfg.rollout.budget(),
             )
-            split = cfg.eval.split
-            out = {
-                f"eval/{split}/pass@1": summary["pass@1"],
-                f"eval/{split}/pass@k": summary[f"pass@{cfg.eval.k}"],
-                f"eval/{split}/reward": summary["reward/mean"],
-            }
-        barrier()
-        return out
+            records = records_of_episodes(episodes, self.chat.tokenizer)
+        records = [record for part in gather_objects(records) for record in part]
+        if not self.is_main:
+            return {}
+        summary = summarize_tasks(records, cfg.eval.k)
+        split = cfg.eval.split
+        # a score with nothing to rest on (every episode errored; no task with k clean samples)
+        # is logged as NaN, which the report and TensorBoard skip
+        return {
+            f"eval/{split}/{name}": math.nan if summary[key] is None else summary[key]
+            for name, key in (
+                ("pass@1", "pass@1"),
+                ("pass@k", f"pass@{cfg.eval.k}"),
+                ("reward", "reward/mean"),
+            )
+        }
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:

@@ -60,33 +60,53 @@ def broadcast_advantages(advantages: Tensor, shape: torch.Size) -> Tensor:
     )
 
 
+REPO_VARIANTS = ("none", "r", "r_centred", "r_submitted", "r_sym", "const_beta")
+
+
 def repo_shaped_advantages(
     advantages: Tensor, logprobs: Tensor, entropy: Tensor, variant: str, zeta: float
 ) -> Tensor:
-    """REPO advantage shaping with the centred log-prob ``L_t = logp_t - E_pi[log pi] = logp_t + H_t``.
+    """REPO's advantage shaping (Petrenko et al., 2026; methods.md), per sampled token.
 
-    - ``d``:     ``A'_t = A_t - zeta * L_t``
-    - ``r``:     ``A'_t = A_t - zeta * max(A_t, 0) * L_t``   (only positive advantages reshaped)
-    - ``r_sym``: ``A'_t = A_t - zeta * |A_t| * L_t``
-    - ``none``:  ``A'_t = A_t``
+    With ``logp_t`` the detached log-prob of the sampled token and ``L_t = logp_t + H_t`` its
+    centred form (``E_pi[L] = 0``):
 
-    Since ``E_pi[grad log pi * L] = -grad H``, REPO-D adds ``zeta * grad H`` to the policy
-    gradient in expectation, with no full-vocabulary term in the loss. Computed under no_grad from
-    the same fp32 log-probs the loss uses. Shapes: all [B, T].
+    - ``r`` (REPO-R, arXiv version, its Appendix D.2 as cited publicly): ``beta = zeta |A|`` on
+      both signs with the raw log-prob, and sign clamps, so no advantage changes sign:
+      ``A > 0: A' = max(A (1 - zeta logp_t), 0)``; ``A < 0: A' = min(A (1 + zeta logp_t), 0)``.
+      Rare correct tokens are boosted, common ones damped, penalties on rare wrong tokens
+      softened. The default; its zeta bounds default to [1e-4, 0.05].
+    - ``r_centred``: the same with ``L_t`` in place of ``logp_t`` (whether the paper used the
+      raw or the centred log-prob is not certain).
+    - ``r_submitted`` (REPO-R, the submitted version): positive advantages only,
+      ``A' = A - zeta max(A, 0) L_t``.
+    - ``r_sym``: ``A' = A - zeta |A| L_t`` (both signs, centred, no clamps).
+    - ``const_beta``: ``A' = A - zeta L_t``, a constant beta. Not REPO-D as described
+      (``beta = zeta dH``, the entropy change predicted for the step), which is not offered.
+    - ``none``: ``A' = A``.
+
+    Since ``E_pi[grad log pi * L] = -grad H``, subtracting ``beta L`` adds ``beta grad H`` to the
+    policy gradient in expectation, with no full-vocabulary term in the loss. Computed under
+    no_grad from the same fp32 log-probs the loss uses. Shapes: all [B, T].
     """
     if variant == "none":
         return advantages
+    if variant not in REPO_VARIANTS:
+        raise ValueError(f"unknown REPO variant {variant!r}; expected one of {REPO_VARIANTS}")
     with torch.no_grad():
-        centred_logprob = logprobs.detach() + entropy.detach()
-        if variant == "d":
-            scale = torch.ones_like(advantages)
-        elif variant == "r":
-            scale = advantages.clamp(min=0)
-        elif variant == "r_sym":
-            scale = advantages.abs()
-        else:
-            raise ValueError(f"unknown REPO variant {variant!r}; expected one of none, d, r, r_sym")
-        return advantages - zeta * scale * centred_logprob
+        logp = logprobs.detach()
+        centred = logp + entropy.detach()
+        if variant in ("r", "r_centred"):
+            log_term = logp if variant == "r" else centred
+            positive = (advantages * (1.0 - zeta * log_term)).clamp(min=0)
+            negative = (advantages * (1.0 + zeta * log_term)).clamp(max=0)
+            return torch.where(advantages > 0, positive, torch.where(advantages < 0, negative, 0))
+        scale = {
+            "r_submitted": advantages.clamp(min=0),
+            "r_sym": advantages.abs(),
+            "const_beta": torch.ones_like(advantages),
+        }[variant]
+        return advantages - zeta * scale * centred
 
 
 def has_learning_signal(advantages: Tensor, cfg: ObjectiveConfig) -> bool:
@@ -94,12 +114,12 @@ def has_learning_signal(advantages: Tensor, cfg: ObjectiveConfig) -> bool:
     advantages [B].
 
     False only when every advantage is exactly 0 (e.g. every group's rewards were equal) and no
-    term of the loss acts without one: REPO-R shapes only positive advantages (and ``r_sym``
-    scales by ``|A|``), so their shaped advantage is 0 too, while REPO-D's shaping, an entropy
-    bonus and a KL penalty act on every token. A batch without signal should not step the
+    term of the loss acts without one: the REPO-R variants scale by ``A`` (or ``|A|``), so their
+    shaped advantage is 0 too, while constant-beta shaping, an entropy bonus and a KL penalty act
+    on every token. A batch without signal should not step the
     optimizer: AdamW keeps moving the weights along its momentum on a zero gradient.
     """
-    if cfg.repo.variant == "d" or cfg.entropy_coef != 0.0 or cfg.kl_coef > 0.0:
+    if cfg.repo.variant == "const_beta" or cfg.entropy_coef != 0.0 or cfg.kl_coef > 0.0:
         return True
     return bool((advantages != 0).any())
 
@@ -194,7 +214,10 @@ def policy_loss(
 
     Metrics (floats, over masked tokens): entropy/mean, clip/low_frac, clip/high_frac,
     ratio/mean, ratio/max, mismatch/kl (mean of ``sampler_logprobs - logprobs``), adv/mean and
-    adv/std (population std) of the advantage the loss used (after shaping), repo/zeta (0 when
+    adv/std (population std) of the advantage the loss used (after shaping),
+    entropy/cov_logp_adv (the covariance over the masked tokens of the sampled tokens' log-prob
+    and that advantage: Theorem 1's driver of the entropy change, positive when likely tokens
+    get the higher advantages, which lowers the entropy), repo/zeta (0 when
     REPO is off), adapo/eps_high, and kl/ref (mean k3 estimate of KL(pi || ref)) when
     ``cfg.kl_coef > 0``.
     """
@@ -234,6 +257,7 @@ def policy_loss(
         low, high = clip_masks(ratio, advantages, cfg.eps_low, eps_high)
         metrics = _masked_metrics(
             mask,
+            logprobs=detached,
             entropy=inputs.entropy.detach(),
             ratio=ratio,
             advantages=advantages,
@@ -251,6 +275,7 @@ def policy_loss(
 def _masked_metrics(
     mask: Tensor,
     *,
+    logprobs: Tensor,
     entropy: Tensor,
     ratio: Tensor,
     advantages: Tensor,
@@ -268,6 +293,7 @@ def _masked_metrics(
         ).sum() / count
 
     adv_mean = mean(advantages)
+    logp_mean = mean(logprobs)
     ratio_max = (
         torch.where(mask, ratio, torch.zeros_like(ratio)).max()
         if mask.numel()
@@ -283,6 +309,7 @@ def _masked_metrics(
             mean(mismatch),
             adv_mean,
             mean((advantages - adv_mean).square()).sqrt(),
+            mean((logprobs - logp_mean) * (advantages - adv_mean)),
         ]
     ).tolist()
     names = (
@@ -294,6 +321,7 @@ def _masked_metrics(
         "mismatch/kl",
         "adv/mean",
         "adv/std",
+        "entropy/cov_logp_adv",
     )
     return dict(zip(names, values, strict=True))
 
@@ -383,8 +411,9 @@ class ZetaController(_EntropyRegulator):
 
     ``H < target`` (beyond the dead band) -> ``zeta *= factor`` (more entropy push);
     ``H > target`` -> ``zeta /= factor``; bounds ``[zeta_min, zeta_max]``. Defaults
-    (``objective.repo``): zeta_init 0.02, factor 2, dead band 5 %, bounds [1e-4, 1],
-    target = the first batch's entropy.
+    (``objective.repo``): zeta_init 0.02, factor 2, dead band 5 %, bounds [1e-4, 0.05] (the
+    arXiv version's), target = the first batch's entropy. ``controller: faithful`` is the
+    paper's rule as described: no dead band, no smoothing, target = the initial entropy.
     """
 
     _value_key = "zeta"

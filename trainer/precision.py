@@ -21,13 +21,18 @@ states and of the weight (and bias), returned in those tensors' own dtypes. With
     dL/dh = dL/dz W,   dL/dW = sum_tokens dL/dz^T h,   dL/db = sum_tokens dL/dz
 
 ``compute_dtype=torch.bfloat16`` runs the projection, log-softmax and entropy in bf16
-(``precision.loss: bf16``): it exists only to reproduce the failure. ``torch.float64`` is accepted
-for tests. :func:`reference_logprobs_and_entropy` is the plain, unchunked autograd version.
+(``precision.loss: bf16``): it exists only to reproduce the failure. ``torch.float16``
+(``precision.loss: fp16``) runs them in fp16, whose 11-bit mantissa rounds 8x finer than bf16's
+(the "FP16 fix" one public summary names for the paper's headline row); its backward multiplies
+the upstream gradients by a static loss scale before they meet fp16 and divides it out in
+float32, so small per-token gradients do not flush to zero (an overflow gives a non-finite
+gradient, which the learner skips). ``torch.float64`` is accepted for tests.
+:func:`reference_logprobs_and_entropy` is the plain, unchunked autograd version.
 
-On CPU the bf16 products are formed as a GPU's bf16 GEMM forms them, by :func:`bf16_matmul`:
-bf16 operands, float32 accumulation, the result rounded to bf16. (torch's CPU bf16 GEMM computes
-the same numbers, ~15x slower on CPUs without bf16 units: a learner step of the entropy study
-took 430 s instead of 25.)
+On CPU the 16-bit products are formed as a GPU's GEMM forms them, by :func:`half_matmul`:
+16-bit operands, float32 accumulation, the result rounded once to 16 bits. (torch's CPU bf16 GEMM
+computes the same numbers, ~15x slower on CPUs without bf16 units: a learner step of the entropy
+study took 430 s instead of 25.)
 
 The caller aligns the positions: ``hidden[b, t]`` is the state that predicts ``target_ids[b, t]``
 (the usual shift by one); padded positions need any valid token id and are masked by the loss.
@@ -41,18 +46,22 @@ from torch.autograd.function import once_differentiable
 
 from trainer.config import PrecisionConfig
 
-_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+# the static loss scale of the fp16 loss path's backward (a power of two: exact to apply/remove)
+FP16_LOSS_SCALE = 1024.0
 
 
 def loss_compute_dtype(cfg: PrecisionConfig) -> torch.dtype:
-    """``precision.loss`` -> the dtype of the loss path: fp32 -> float32, bf16 -> bfloat16."""
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.loss]
+    """``precision.loss`` -> the dtype of the loss path: fp32 -> float32, bf16 -> bfloat16,
+    fp16 -> float16."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.loss]
 
 
 def _output_dtype(compute_dtype: torch.dtype) -> torch.dtype:
-    # bf16 results are returned upcast (exactly) to float32 so that ratios and losses downstream
-    # see the bf16 rounding but no further rounding of their own.
-    return torch.float32 if compute_dtype == torch.bfloat16 else compute_dtype
+    # 16-bit results are returned upcast (exactly) to float32 so that ratios and losses downstream
+    # see the 16-bit rounding but no further rounding of their own.
+    return torch.float32 if compute_dtype in _HALF_DTYPES else compute_dtype
 
 
 def _check_inputs(
@@ -144,8 +153,11 @@ class FusedLinearLogprobEntropy(torch.autograd.Function):
             if need_bias
             else None
         )
-        g_logprob = grad_logprobs.to(compute_dtype)
-        g_entropy = grad_entropy.to(compute_dtype)
+        # fp16's smallest normal is 6e-5: scale the (often ~1e-5) per-token gradients up before
+        # they meet fp16, and divide the scale out again in float32
+        scale = FP16_LOSS_SCALE if compute_dtype == torch.float16 else 1.0
+        g_logprob = (grad_logprobs * scale).to(compute_dtype)
+        g_entropy = (grad_entropy * scale).to(compute_dtype)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
             h = hidden[start:end].to(compute_dtype)
@@ -161,7 +173,10 @@ class FusedLinearLogprobEntropy(torch.autograd.Function):
             if temperature != 1.0:
                 grad_logits.div_(temperature)
             if need_hidden:
-                grad_hidden[start:end] = _matmul(grad_logits, head, compute_dtype).to(hidden.dtype)
+                grad_h = _matmul(grad_logits, head, compute_dtype)
+                if scale != 1.0:
+                    grad_h = grad_h.float().div_(scale)
+                grad_hidden[start:end] = grad_h.to(hidden.dtype)
             if need_weight:
                 if compute_dtype == accumulate_dtype:
                     grad_weight.addmm_(grad_logits.T, h)
@@ -171,28 +186,35 @@ class FusedLinearLogprobEntropy(torch.autograd.Function):
                 grad_bias.add_(grad_logits.sum(0).to(accumulate_dtype))
             del grad_logits, log_probs  # the same tensor: free it before the next chunk
         if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+            grad_weight = grad_weight.div_(scale).to(weight.dtype)
         if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
+            grad_bias = grad_bias.div_(scale).to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def bf16_matmul(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``a @ b (+ bias)`` with bf16 operands as a bf16 GEMM computes it, on CPU: the (exact)
-    float32 products of the bf16 values summed in float32, plus the bias, rounded once to bf16;
-    the same numbers as torch's CPU bf16 matmul up to summation order, without its slow kernels.
-    """
-    a32, b32 = a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float()
+def half_matmul(
+    a: Tensor, b: Tensor, bias: Tensor | None = None, dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
+    """``a @ b (+ bias)`` with 16-bit (``dtype``: bf16 or fp16) operands as a GPU GEMM computes
+    it, on CPU: the (exact) float32 products of the 16-bit values summed in float32, plus the
+    bias, rounded once to ``dtype``; the same numbers as torch's CPU 16-bit matmul up to
+    summation order, without its slow kernels."""
+    a32, b32 = a.to(dtype).float(), b.to(dtype).float()
     if bias is not None:
-        return torch.addmm(bias.to(torch.bfloat16).float(), a32, b32).to(torch.bfloat16)
-    return (a32 @ b32).to(torch.bfloat16)
+        return torch.addmm(bias.to(dtype).float(), a32, b32).to(dtype)
+    return (a32 @ b32).to(dtype)
+
+
+def bf16_matmul(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """:func:`half_matmul` in bf16."""
+    return half_matmul(a, b, bias, torch.bfloat16)
 
 
 def _matmul(a: Tensor, b: Tensor, compute_dtype: torch.dtype, bias: Tensor | None = None) -> Tensor:
-    """The loss path's products: bf16 ones on CPU through :func:`bf16_matmul`, the rest (and
-    every product on CUDA, cuBLAS's bf16 GEMM included) natively."""
-    if compute_dtype == torch.bfloat16 and a.device.type == "cpu":
-        return bf16_matmul(a, b, bias)
+    """The loss path's products: 16-bit ones on CPU through :func:`half_matmul`, the rest (and
+    every product on CUDA, cuBLAS's 16-bit GEMMs included) natively."""
+    if compute_dtype in _HALF_DTYPES and a.device.type == "cpu":
+        return half_matmul(a, b, bias, compute_dtype)
     return a @ b if bias is None else torch.addmm(bias, a, b)
 
 
@@ -227,7 +249,7 @@ def token_logprobs_and_entropy(
 
     Shapes: hidden ``[B, T, D]`` (any leading shape ``[...]``), weight ``[V, D]``, bias ``[V]``,
     target_ids ``[B, T]``. Returns ``(logprobs [B, T], entropy [B, T])`` in float32 (for
-    ``compute_dtype`` float32 or bfloat16; float64 for float64). Gradients flow to hidden, weight
+    ``compute_dtype`` float32, bfloat16 or float16; float64 for float64). Gradients flow to hidden, weight
     and bias, chunk by chunk (see the module docstring for the formulas). ``temperature`` divides
     the logits, matching a sampler that sampled at that temperature.
     """

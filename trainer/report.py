@@ -1,6 +1,7 @@
 """End-of-run report: ``report.md`` with PNG plots of reward, success, entropy (the learner's
 and the sampler's, with the controllers' target) and clip fractions against steps, read back
-from ``metrics.jsonl``."""
+from ``metrics.jsonl``. The reward and the sampler's NLL are drawn with a band: the range of the
+step's group means (lowest to highest group, :func:`trainer.episodes.group_spread`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ PLOTS = {
     "clip.png": ("clipped token fraction", ["clip/low_frac", "clip/high_frac"]),
     "eval.png": ("held-out evaluation", None),  # every eval/*/pass@* series
 }
+# the band drawn around a series: (lowest, highest) group mean of the step
+BANDS = {
+    "reward/mean": ("reward/group_min", "reward/group_max"),
+    "entropy/sampler_nll": ("entropy/sampler_nll_group_min", "entropy/sampler_nll_group_max"),
+}
 # legend labels: the learner's entropy is of the full next-token distribution, the sampler's
 # NLL is -log pi_sampler of the tokens it drew (its expectation is the sampler's entropy)
 LABELS = {
@@ -36,6 +42,17 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
         if key in r and r[key] is not None and math.isfinite(r[key])
     ]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def _band(rows: list[dict], key: str) -> tuple[list[int], list[float], list[float]]:
+    """Steps with both ends of ``key``'s band finite, and the band's low and high values."""
+    low_key, high_key = BANDS[key]
+    points = [
+        (r["step"], r[low_key], r[high_key])
+        for r in rows
+        if all(r.get(k) is not None and math.isfinite(r[k]) for k in (low_key, high_key))
+    ]
+    return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
 
 
 def write_report(run_dir: Path) -> Path:
@@ -56,7 +73,7 @@ def write_report(run_dir: Path) -> Path:
             steps, values = _series(rows, key)
             if steps:
                 style = "--" if key.endswith("target") else "-"
-                ax.plot(
+                (line,) = ax.plot(
                     steps,
                     values,
                     style,
@@ -64,6 +81,16 @@ def write_report(run_dir: Path) -> Path:
                     label=LABELS.get(key, key),
                     markersize=3,
                 )
+                band_steps, low, high = _band(rows, key) if key in BANDS else ([], [], [])
+                if band_steps:
+                    ax.fill_between(
+                        band_steps,
+                        low,
+                        high,
+                        color=line.get_color(),
+                        alpha=0.2,
+                        label="range across groups",
+                    )
                 drawn = True
         if drawn:
             ax.set_xlabel("step")

@@ -222,7 +222,25 @@ def claims(by_method: dict[str, list[dict]]) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def seed_band(
+    series: list[tuple[list[int], list[float]]],
+) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Across seeds' ``(steps, values)`` series: the steps every seed has, and at each the mean,
+    the lowest and the highest value."""
+    by_step = [dict(zip(steps, values, strict=True)) for steps, values in series]
+    common = sorted(set.intersection(*(set(points) for points in by_step)))
+    columns = [[points[step] for points in by_step] for step in common]
+    return (
+        common,
+        [sum(c) / len(c) for c in columns],
+        [min(c) for c in columns],
+        [max(c) for c in columns],
+    )
+
+
 def plot(by_method: dict[str, list[dict]], path: Path) -> None:
+    """Entropy and held-out pass@1 / pass@k against steps; a method with several seeds is drawn
+    as the mean across seeds with a band from the lowest to the highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,14 +250,23 @@ def plot(by_method: dict[str, list[dict]], path: Path) -> None:
     colours = dict(zip(ORDER, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     k = None
     for method in [m for m in ORDER if m in by_method]:
-        for i, run in enumerate(by_method[method]):
-            label = LABELS[method] if i == 0 else None
-            style = dict(color=colours.get(method), alpha=1.0 if i == 0 else 0.5, label=label)
-            axes[0].plot(run["entropy_steps"], run["entropy"], **style)
-            steps = [e[0] for e in run["evals"]]
-            axes[1].plot(steps, [e[1] for e in run["evals"]], marker="o", **style)
-            axes[2].plot(steps, [e[2] for e in run["evals"]], marker="o", **style)
-            k = run["k"]
+        runs = by_method[method]
+        colour = colours.get(method)
+        panels = [
+            [(r["entropy_steps"], r["entropy"]) for r in runs],
+            [([e[0] for e in r["evals"]], [e[1] for e in r["evals"]]) for r in runs],
+            [([e[0] for e in r["evals"]], [e[2] for e in r["evals"]]) for r in runs],
+        ]
+        for i, (ax, series) in enumerate(zip(axes, panels, strict=True)):
+            marker = None if i == 0 else "o"
+            if len(runs) == 1:
+                ax.plot(*series[0], marker=marker, color=colour, label=LABELS[method])
+                continue
+            steps, mean, low, high = seed_band(series)
+            label = f"{LABELS[method]} (mean of {len(runs)} seeds; band: lowest to highest)"
+            ax.plot(steps, mean, marker=marker, color=colour, label=label)
+            ax.fill_between(steps, low, high, color=colour, alpha=0.2)
+        k = runs[0]["k"]
     # log scale: a diverging run (REPO-D at 6+ nats) would flatten the others' 0.5-1.2 nats
     axes[0].set(
         title="entropy of the sampled tokens (training batches)",

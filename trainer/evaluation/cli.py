@@ -16,6 +16,7 @@ from agent.chat import ChatFormat
 from agent.config import BACKENDS, PolicyConfig
 from agent.rollout import parallel_episodes
 from envs.defaults import env_defaults
+from trainer.evaluation.intervals import Bootstrap
 from trainer.evaluation.report import print_compare, print_result
 from trainer.evaluation.runner import run_evaluation
 
@@ -85,15 +86,23 @@ def evaluate_cli(
     top_p: float = 1.0,
     seed: int = 0,
     progress: bool = True,
+    confidence: float = 0.95,
+    resamples: int = 2000,
 ) -> dict[str, Any] | str:
     """`eprl eval`: evaluate (resumably) and write ``out`` + ``.md``; or, with ``compare``,
-    print the side-by-side table of those result files and return its Markdown."""
+    print the side-by-side table of those result files with the paired differences from the
+    first and return its Markdown. Intervals: ``confidence``, ``resamples`` bootstrap replicates
+    (:mod:`trainer.evaluation.intervals`)."""
     import gymnasium
 
     import envs  # noqa: F401  (registers the ids)
 
+    try:
+        boot = Bootstrap(confidence=confidence, resamples=resamples)
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None
     if compare:
-        return print_compare(compare)
+        return print_compare(compare, boot)
     if backend not in BACKENDS:
         raise ValueError(f"unknown --backend {backend!r}; expected one of {BACKENDS}")
     if k < 1:
@@ -168,6 +177,7 @@ def evaluate_cli(
         seed=seed,
         max_episodes=parallel_episodes(backend, budget["max_parallel_episodes"]),
         progress=progress,
+        bootstrap=boot,
     )
     print_result(result, out_path)
     return result

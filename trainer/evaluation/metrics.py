@@ -1,12 +1,15 @@
 """The evaluation's metrics, from per-task records of K episodes each; the one summariser
 behind ``eprl eval``, the training loop's evaluations and the demo.
 
-Metrics, for N tasks with n_t samples of which c_t succeed (``info["success"]``: every hidden
-test passed):
+Errored episodes (an environment failure: ``record["error"]`` set) are left out of every score,
+never counted as failures: n_t is the number of task t's episodes that ran without error, and a
+task none of whose episodes did is left out (``tasks/errored``). The scores, for the N tasks with
+n_t >= 1 samples of which c_t succeed (``info["success"]``: every hidden test passed):
 
 - ``pass@k``: the unbiased estimator of Chen et al. (2021), ``1 - C(n - c, k) / C(n, k)`` per
-  task, averaged over tasks. ``pass@1`` is the mean of ``c_t / n_t``.
-- ``reward/mean``, ``success/rate``: over all episodes.
+  task, averaged over the tasks with n_t >= k only (a task with fewer samples has no pass@k;
+  ``tasks/pass@k`` says how many count). ``pass@1`` is the mean of ``c_t / n_t``.
+- ``reward/mean``, ``success/rate``: over all (error-free) episodes.
 - ``tgc``, ``sgc`` (whenever the environment reports ``info["scenario_id"]``, as AppWorld does:
   the task id's prefix before the underscore): AppWorld's task goal completion (the share of
   tasks completed) and scenario goal completion (the share of scenarios whose every task is
@@ -22,9 +25,15 @@ test passed):
   a Monte Carlo estimate of the per-token entropy of the distribution the samples were drawn
   from (after temperature and top-p), from the log-probs the sampler reported.
   ``entropy/normalised`` divides it by ``ln |V|`` (0: deterministic, 1: uniform over the
-  vocabulary). Absent (null) when the backend reports no log-probs.
+  vocabulary). Absent (null) when the backend reports no log-probs. ``entropy/sampled_stopped``:
+  the same over the episodes whose last turn stopped before the token cap (a truncated ramble
+  samples at several times the entropy of a finished answer).
 - ``response/tokens_mean`` (sampled tokens per episode), ``response/stopped_frac`` (last turns
-  that ended before the token cap), ``episodes/errors`` (environment failures).
+  that ended before the token cap); counts: ``tasks``, ``episodes`` (all that ran),
+  ``episodes/errors`` (environment failures), ``tasks/errored``, ``tasks/pass@k``.
+
+:mod:`trainer.evaluation.intervals` puts a bootstrap interval and the counts it rests on on every
+score.
 """
 
 from __future__ import annotations
@@ -120,58 +129,83 @@ def task_record(task_id: str, index: int, episodes: Sequence, tokenizer) -> dict
     }
 
 
+def valid_episodes(record: dict) -> list[dict]:
+    """The episodes of a task record that ran without an environment error: the ones scored."""
+    return [ep for ep in record["episodes"] if ep["error"] is None]
+
+
 def summarize_tasks(
     records: Sequence[dict], k: int, vocab_size: int | None = None
 ) -> dict[str, float | None]:
     """Every metric of the module docstring from per-task records (:func:`task_record`)."""
     if not records:
         raise ValueError("no task results to summarize")
-    episodes = [ep for rec in records for ep in rec["episodes"]]
+    scored = [(rec, valid_episodes(rec)) for rec in records]
+    scored = [(rec, eps) for rec, eps in scored if eps]
+    episodes = [ep for _, eps in scored for ep in eps]
     rates: dict[str, float] = {}
     p1, pk, distinct, distinct_frac = [], [], [], []
-    for rec in records:
-        eps = rec["episodes"]
+    for rec, eps in scored:
         successes = [ep for ep in eps if ep["success"]]
         n, c = len(eps), len(successes)
         rates[rec["task_id"]] = c / n
         p1.append(pass_at_k(n, c, 1))
-        pk.append(pass_at_k(n, c, min(k, n)))
+        if n >= k:
+            pk.append(pass_at_k(n, c, k))
         if successes:
             unique = {ep["solution_sha1"] for ep in successes}
             distinct.append(len(unique))
             distinct_frac.append(len(unique) / c)
     metrics: dict[str, float | None] = {
-        "pass@1": _mean(p1),
-        f"pass@{k}": _mean(pk),
-        "reward/mean": _mean(ep["reward"] for ep in episodes),
-        "success/rate": _mean(float(ep["success"]) for ep in episodes),
+        "pass@1": _mean_or_none(p1),
+        f"pass@{k}": _mean_or_none(pk),
+        "reward/mean": _mean_or_none([ep["reward"] for ep in episodes]),
+        "success/rate": _mean_or_none([float(ep["success"]) for ep in episodes]),
     }
-    scenarios = {rec["task_id"]: _scenario(rec) for rec in records}
-    if any(scenarios.values()):
-        # a task whose episodes all failed before reporting one: AppWorld's rule, the id's prefix
-        scenarios = {t: s or t.rsplit("_", 1)[0] for t, s in scenarios.items()}
+    scenarios = scenario_of([rec for rec, _ in scored])
+    if scenarios:
         tgc, sgc, count = goal_completion(rates, scenarios)
         metrics.update({"tgc": tgc, "sgc": sgc, "scenarios": float(count)})
-    metrics["diversity/distinct_solutions"] = _mean(distinct) if distinct else None
-    metrics["diversity/distinct_frac"] = _mean(distinct_frac) if distinct_frac else None
-    with_logprobs = [ep for ep in episodes if ep["nll_sum"] is not None]
-    tokens = sum(ep["sampled_tokens"] for ep in with_logprobs)
-    if tokens and len(with_logprobs) == len([ep for ep in episodes if ep["sampled_tokens"]]):
-        entropy = sum(ep["nll_sum"] for ep in with_logprobs) / tokens
-        metrics["entropy/sampled"] = entropy
-        metrics["entropy/normalised"] = entropy / math.log(vocab_size) if vocab_size else None
-    else:
-        metrics["entropy/sampled"] = metrics["entropy/normalised"] = None
+    metrics["diversity/distinct_solutions"] = _mean_or_none(distinct)
+    metrics["diversity/distinct_frac"] = _mean_or_none(distinct_frac)
+    entropy = sampled_entropy(episodes)
+    metrics["entropy/sampled"] = entropy
+    metrics["entropy/normalised"] = (
+        entropy / math.log(vocab_size) if entropy is not None and vocab_size else None
+    )
+    metrics["entropy/sampled_stopped"] = sampled_entropy([ep for ep in episodes if ep["stopped"]])
     metrics.update(
         {
-            "response/tokens_mean": _mean(ep["sampled_tokens"] for ep in episodes),
-            "response/stopped_frac": _mean(float(ep["stopped"]) for ep in episodes),
-            "episodes/errors": float(sum(ep["error"] is not None for ep in episodes)),
+            "response/tokens_mean": _mean_or_none([ep["sampled_tokens"] for ep in episodes]),
+            "response/stopped_frac": _mean_or_none([float(ep["stopped"]) for ep in episodes]),
+            "episodes/errors": float(sum(len(rec["episodes"]) for rec in records) - len(episodes)),
+            "tasks/errored": float(len(records) - len(scored)),
+            f"tasks/pass@{k}": float(len(pk)),
             "tasks": float(len(records)),
-            "episodes": float(len(episodes)),
+            "episodes": float(sum(len(rec["episodes"]) for rec in records)),
         }
     )
     return metrics
+
+
+def sampled_entropy(episodes: Sequence[dict]) -> float | None:
+    """Sum of the sampled tokens' ``-log pi`` over their number, across ``episodes`` (records);
+    None when there are no sampled tokens or an episode with tokens reported no log-probs."""
+    with_tokens = [ep for ep in episodes if ep["sampled_tokens"]]
+    if not with_tokens or any(ep["nll_sum"] is None for ep in with_tokens):
+        return None
+    return sum(ep["nll_sum"] for ep in with_tokens) / sum(
+        ep["sampled_tokens"] for ep in with_tokens
+    )
+
+
+def scenario_of(records: Sequence[dict]) -> dict[str, str] | None:
+    """Each task's scenario when the environment reports any (AppWorld), else None. A task whose
+    episodes all failed before reporting one gets AppWorld's rule: the id's prefix before ``_``."""
+    scenarios = {rec["task_id"]: _scenario(rec) for rec in records}
+    if not any(scenarios.values()):
+        return None
+    return {t: s or t.rsplit("_", 1)[0] for t, s in scenarios.items()}
 
 
 def _scenario(record: dict) -> str | None:
@@ -179,18 +213,22 @@ def _scenario(record: dict) -> str | None:
 
 
 def per_task_rows(records: Sequence[dict], k: int) -> list[dict[str, Any]]:
+    """One row per task: its error-free samples ``n``, ``successes``, ``errors``, pass@1 and
+    pass@k (None when n < 1, n < k), the rewards (for ``--compare``'s paired bootstrap)."""
     rows = []
     for rec in records:
-        eps = rec["episodes"]
+        eps = valid_episodes(rec)
         n, c = len(eps), sum(ep["success"] for ep in eps)
         rows.append(
             {
                 "task_id": rec["task_id"],
                 "n": n,
                 "successes": c,
-                "pass@1": pass_at_k(n, c, 1),
-                f"pass@{k}": pass_at_k(n, c, min(k, n)),
-                "reward_mean": _mean(ep["reward"] for ep in eps),
+                "errors": len(rec["episodes"]) - n,
+                "pass@1": pass_at_k(n, c, 1) if n else None,
+                f"pass@{k}": pass_at_k(n, c, k) if n >= k else None,
+                "reward_mean": _mean_or_none([ep["reward"] for ep in eps]),
+                "rewards": [ep["reward"] for ep in eps],
                 "distinct_solutions": len({ep["solution_sha1"] for ep in eps if ep["success"]}),
                 "scenario_id": _scenario(rec),
             }
@@ -198,22 +236,26 @@ def per_task_rows(records: Sequence[dict], k: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return float(sum(values) / len(values)) if values else 0.0
+def _mean_or_none(values: Sequence[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def records_of_episodes(episodes: Sequence, tokenizer) -> list[dict[str, Any]]:
+    """Task records (:func:`task_record`) of in-memory episodes grouped by task, in order of
+    first appearance."""
+    by_task: dict[str, list] = defaultdict(list)
+    for ep in episodes:
+        by_task[ep.task_id].append(ep)
+    if not by_task:
+        raise ValueError("no episodes to summarize")
+    return [
+        task_record(task, index, eps, tokenizer)
+        for index, (task, eps) in enumerate(by_task.items())
+    ]
 
 
 def summarize_episodes(
     episodes: Sequence, k: int, tokenizer, vocab_size: int | None = None
 ) -> dict[str, float | None]:
     """:func:`summarize_tasks` of episodes grouped by task (in order of first appearance)."""
-    by_task: dict[str, list] = defaultdict(list)
-    for ep in episodes:
-        by_task[ep.task_id].append(ep)
-    if not by_task:
-        raise ValueError("no episodes to summarize")
-    records = [
-        task_record(task, index, eps, tokenizer)
-        for index, (task, eps) in enumerate(by_task.items())
-    ]
-    return summarize_tasks(records, k, vocab_size)
+    return summarize_tasks(records_of_episodes(episodes, tokenizer), k, vocab_size)

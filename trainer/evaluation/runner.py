@@ -20,11 +20,13 @@ from agent.chat import ChatFormat
 from agent.config import DEFAULT_STOP
 from agent.progress import ProgressBar
 from agent.rollout import Episode, RolloutRunner
+from trainer.evaluation.intervals import Bootstrap, score_intervals
 from trainer.evaluation.metrics import (
     per_task_rows,
     summarize_episodes,
     summarize_tasks,
     task_record,
+    valid_episodes,
 )
 from trainer.evaluation.report import write_results
 from trainer.evaluation.sidecar import SCHEMA, TaskLog, sidecar_path
@@ -79,15 +81,18 @@ def run_evaluation(
     seed: int = 0,
     max_episodes: int = 32,
     progress: bool = True,
+    bootstrap: Bootstrap = Bootstrap(),
 ) -> dict[str, Any]:
     """Evaluate ``task_ids`` x K samples, resumably; write ``out`` (JSON) and its ``.md``.
 
-    Samples at ``temperature`` (None: the policy's own). At most ``max_episodes`` episodes run at once (one generation batch; an environment with a
-    bounded pool, like AppWorld's servers, needs it no larger than the pool). Whole tasks are
+    Samples at ``temperature`` (None: the policy's own). At most ``max_episodes`` episodes run
+    at once (one generation batch; an environment with a bounded pool, like AppWorld's servers,
+    needs it no larger than the pool). Whole tasks are
     batched when K fits, and each task's record is appended to the sidecar as soon as its K
     episodes are done. Tasks already in ``OUT.tasks.jsonl`` (same ``settings``) are not run
     again. Episode j of task i always gets the seeds ``seed + i * K + j`` (sampling RNG and env),
-    so a resumed evaluation samples what an uninterrupted one would have.
+    so a resumed evaluation samples what an uninterrupted one would have; the intervals
+    (:func:`~trainer.evaluation.intervals.score_intervals`, ``bootstrap``) are seeded too.
     """
     import torch
 
@@ -154,6 +159,7 @@ def run_evaluation(
         "k": k,
         "settings": settings,
         "metrics": summarize_tasks(records, k, settings.get("vocab_size")),
+        **score_intervals(records, k, bootstrap, settings.get("vocab_size")),
         "tasks_resumed": resumed,
         "wall_s_this_run": time.time() - started,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -164,8 +170,8 @@ def run_evaluation(
 
 
 def _show(bar: ProgressBar, log: TaskLog) -> None:
-    """Tasks done and the running pass@1 (the mean of the tasks' success rates)."""
-    records = list(log.records.values())
-    if records:
-        rates = [sum(ep["success"] for ep in r["episodes"]) / len(r["episodes"]) for r in records]
-        bar.update(len(records), **{"pass@1": sum(rates) / len(rates)})
+    """Tasks done and the running pass@1 (the mean of the tasks' success rates, errors left out)."""
+    scored = [eps for eps in map(valid_episodes, log.records.values()) if eps]
+    if scored:
+        rates = [sum(ep["success"] for ep in eps) / len(eps) for eps in scored]
+        bar.update(len(log.records), **{"pass@1": sum(rates) / len(rates)})

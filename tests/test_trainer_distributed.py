@@ -1,0 +1,119 @@
+"""The loop's collectives (trainer.distributed) on a real process group (gloo here, NCCL on a
+GPU machine), and a whole `eprl train` under 2 gloo ranks with the DeepSpeed learner."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.config import load_config
+from trainer.distributed import (
+    all_reduce,
+    any_rank,
+    collective_device,
+    gather_objects,
+    reduce_metrics,
+)
+from trainer.loop import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def process_group(tmp_path, request):
+    backend = getattr(request, "param", "gloo")
+    torch.distributed.init_process_group(
+        backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    yield backend
+    torch.distributed.destroy_process_group()
+
+
+def test_collectives_run_on_the_groups_device_and_reduce(process_group):
+    assert collective_device() == torch.device("cpu")
+    assert all_reduce(torch.tensor([1.5, -2.0]), "max").tolist() == [1.5, -2.0]
+    assert any_rank(True) and not any_rank(False)
+    metrics = {"reward/mean": 0.25, "ratio/max": 3.0}
+    assert reduce_metrics(metrics) == metrics
+    assert gather_objects({"task": "a"}) == [{"task": "a"}]
+    with pytest.raises(ValueError, match="op must be 'sum' or 'max', got 'mean'"):
+        all_reduce(torch.ones(1), "mean")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("process_group", ["nccl"], indirect=True)
+def test_nccl_collectives_take_gpu_tensors(process_group):
+    torch.cuda.set_device(0)
+    assert collective_device().type == "cuda"
+    assert all_reduce(torch.tensor([2.0]), "sum").tolist() == [2.0]  # CPU in, CPU out
+    assert any_rank(True)
+
+
+def test_fewer_tasks_per_step_than_ranks_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(None, ["rollout.tasks_per_step=1", "model.name=/no/such/model"])
+    with pytest.raises(ValueError, match=r"tasks_per_step=1 is less than the 2 ranks"):
+        Trainer(cfg, tmp_path / "run").setup()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_eprl_train_on_two_deepspeed_ranks_writes_one_run(tiny_model_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 eprl.py train` with ZeRO-2 on gloo: both ranks roll out their
+    share of the tasks and of the evaluation (3 eval tasks: rank 0 gets 2, rank 1 gets 1), the
+    metrics are averaged, rank 0 alone writes metrics, checkpoints and the report."""
+    overrides = {
+        "model.name": tiny_model_dir,
+        "steps": 2,
+        "rollout.tasks_per_step": 2,
+        "rollout.group_size": 2,
+        "rollout.max_new_tokens": 8,
+        "rollout.max_context_tokens": 512,
+        "eval.num_tasks": 3,
+        "eval.k": 2,
+        "eval.at_start": True,
+        "eval.at_end": True,
+        "checkpoint.every": 1,
+        "checkpoint.keep_last": 2,
+        "logging.runs_root": str(tmp_path),
+        "logging.run_name": "run",
+        "logging.progress": False,
+        "logging.tensorboard": False,
+        "trainer.learner": "deepspeed",
+        "trainer.device": "cpu",
+        "trainer.deepspeed.zero_stage": 2,
+        "trainer.micro_batch_size": 2,
+        "trainer.skip_no_signal": False,
+        "objective.overlong_filter": False,
+        "objective.target_entropy_tasks": 0,
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(30500 + os.getpid() % 1000),
+        str(REPO / "eprl.py"),
+        "train",
+        str(REPO / "configs" / "quickstart.yaml"),
+        *(f"{key}={value}" for key, value in overrides.items()),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=560)
+    assert done.returncode == 0, done.stderr[-4000:]
+    run_dir = tmp_path / "run"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1, 2]  # one writer: no row twice
+    assert {"eval/dev/pass@1", "eval/dev/pass@k"} <= set(rows[0]) & set(rows[2])
+    assert "loss/total" in rows[1] and "loss/total" in rows[2]
+    assert all(0.0 <= row["eval/dev/pass@1"] <= 1.0 for row in rows if "eval/dev/pass@1" in row)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1", "step_2"]
+    assert (run_dir / "checkpoints" / "step_2" / "deepspeed").is_dir()
+    assert (run_dir / "report.md").is_file()
