@@ -57,6 +57,8 @@ from envs.sandbox.session import setup_error, spawn
 
 SERVE_SCRIPT = Path(__file__).with_name("serve.py")
 EVALUATE_SCRIPT = Path(__file__).with_name("evaluate.py")
+SANDBOX_SITE_PACKAGES = "/eprl/site-packages"  # where a server sees the venv's packages
+SANDBOX_VENV = "/eprl/venv"  # where the evaluator sees the venv
 SOCKET_NAME = "appworld.sock"  # in the server's directory, which the sandbox does not see
 # A ready AppWorld server (every app imported, a task initialised) peaks at ~400 MiB of address
 # space with 4 threads (measured, appworld 0.1.3.post1); CPU seconds cover a whole episode;
@@ -150,7 +152,8 @@ def start_server(workdir: Path, bwrap: str, venv: Path) -> tuple[subprocess.Pope
         os.chmod(path, 0o755)
     python, packages = system_interpreter(venv), str(site_packages(venv))
     command = bwrap_root(bwrap, {"HOME": "/tmp", "APPWORLD_ROOT": "/aw"})
-    command += ["--ro-bind", packages, packages]
+    # at a fixed path: the venv may live under /tmp (a CI clone), which the private /tmp hides
+    command += ["--ro-bind", packages, SANDBOX_SITE_PACKAGES]
     command += [
         "--ro-bind", str(workdir / "bin" / "serve.py"), "/eprl/serve.py",
         "--ro-bind", str(workdir / "shared" / "base_dbs"), "/aw/data/base_dbs",
@@ -163,7 +166,7 @@ def start_server(workdir: Path, bwrap: str, venv: Path) -> tuple[subprocess.Pope
     listener.bind(str(directory / SOCKET_NAME))
     listener.listen(128)
     command += [python, "-I", "-S", "-B", "-u", "/eprl/serve.py", "--fd", str(listener.fileno())]
-    command += ["--root", "/aw", "--site-packages", packages]
+    command += ["--root", "/aw", "--site-packages", SANDBOX_SITE_PACKAGES]
     with open(log_path, "ab") as log, listener:  # the server holds its own copy
         try:
             process = spawn(
@@ -279,16 +282,19 @@ class Evaluator:
         venv = self.venv_python.parent.parent
         prefix = Path(os.path.realpath(self.venv_python)).parent.parent
         command = bwrap_root(self.bwrap, {"HOME": "/tmp", "APPWORLD_ROOT": "/aw"})
-        for path in dict.fromkeys((str(venv), str(prefix))):
-            if not path.startswith("/usr/"):
-                command += ["--ro-bind", path, path]
+        # the venv at a fixed path (it may live under /tmp, which the private /tmp hides); its
+        # interpreter's prefix, which pyvenv.cfg points to, at its own path
+        command += ["--ro-bind", str(venv), SANDBOX_VENV]
+        if not str(prefix).startswith("/usr/"):
+            command += ["--ro-bind", str(prefix), str(prefix)]
         command += [
             "--ro-bind", str(EVALUATE_SCRIPT), "/eprl/evaluate.py",
             "--ro-bind", str(self.root / "data"), "/aw/data",
             "--ro-bind", str(self.inbox / "experiments"), "/aw/experiments",
         ]  # fmt: skip
         command += bwrap_private_mounts("/aw")
-        command += [str(self.venv_python), "-B", "-u", "/eprl/evaluate.py", "--root", "/aw"]
+        python = f"{SANDBOX_VENV}/{self.venv_python.relative_to(venv)}"
+        command += [python, "-B", "-u", "/eprl/evaluate.py", "--root", "/aw"]
         self._buffer = b""
         with open(self.log, "ab") as log:
             try:
