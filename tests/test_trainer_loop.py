@@ -108,6 +108,11 @@ def check_artifacts(cfg, run_dir):
     for key in DESIGN_METRICS:
         assert key in metrics[1], key
     assert "eval/dev/pass@1" in metrics[0] and "eval/dev/pass@k" in metrics[2]
+    for row in (metrics[0], metrics[2]):  # every evaluation score with its interval and count
+        for name in ("pass@1", "pass@k", "reward"):
+            key = f"eval/dev/{name}"
+            assert row[f"{key}_lo"] <= row[key] <= row[f"{key}_hi"], (key, row)
+            assert row[f"{key}_tasks"] == cfg.eval.num_tasks
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     for name in ("report.md", "reward.png", "entropy.png", "clip.png", "success.png"):
         assert (run_dir / name).stat().st_size > 0, name

@@ -346,6 +346,7 @@ class Trainer:
         rank r runs tasks r::world with its own policy (no rank idles inside the group's
         timeout), the per-task records are gathered and rank 0 summarises them. Sampling seeds
         depend on the rank, so the numbers depend (within noise) on the number of ranks."""
+        from trainer.evaluation.intervals import Bootstrap, score_intervals
         from trainer.evaluation.metrics import records_of_episodes, summarize_tasks
         from trainer.evaluation.runner import evaluate_policy
 
@@ -368,17 +369,23 @@ class Trainer:
         if not self.is_main:
             return {}
         summary = summarize_tasks(records, cfg.eval.k)
+        bounds = score_intervals(records, cfg.eval.k, Bootstrap())
         split = cfg.eval.split
+        out: dict[str, float] = {}
         # a score with nothing to rest on (every episode errored; no task with k clean samples)
-        # is logged as NaN, which the report and TensorBoard skip
-        return {
-            f"eval/{split}/{name}": math.nan if summary[key] is None else summary[key]
-            for name, key in (
-                ("pass@1", "pass@1"),
-                ("pass@k", f"pass@{cfg.eval.k}"),
-                ("reward", "reward/mean"),
-            )
-        }
+        # is logged as NaN, which the report and TensorBoard skip; each carries its 95% bootstrap
+        # interval (..._lo, ..._hi) and the number of tasks it rests on (..._tasks)
+        for name, key in (
+            ("pass@1", "pass@1"),
+            ("pass@k", f"pass@{cfg.eval.k}"),
+            ("reward", "reward/mean"),
+        ):
+            value, interval = summary[key], bounds["intervals"].get(key)
+            out[f"eval/{split}/{name}"] = math.nan if value is None else value
+            out[f"eval/{split}/{name}_lo"] = interval[0] if interval else math.nan
+            out[f"eval/{split}/{name}_hi"] = interval[1] if interval else math.nan
+            out[f"eval/{split}/{name}_tasks"] = float(bounds["counts"].get(key, {}).get("tasks", 0))
+        return out
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:

@@ -44,9 +44,19 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _band_keys(key: str) -> tuple[str, str] | None:
+    """The (low, high) series drawn as a band around ``key``: the range across groups for the
+    training curves, the 95% bootstrap interval (``_lo`` / ``_hi``) for evaluations."""
+    if key in BANDS:
+        return BANDS[key]
+    if key.startswith("eval/"):
+        return f"{key}_lo", f"{key}_hi"
+    return None
+
+
 def _band(rows: list[dict], key: str) -> tuple[list[int], list[float], list[float]]:
     """Steps with both ends of ``key``'s band finite, and the band's low and high values."""
-    low_key, high_key = BANDS[key]
+    low_key, high_key = _band_keys(key)
     points = [
         (r["step"], r[low_key], r[high_key])
         for r in rows
@@ -63,7 +73,14 @@ def write_report(run_dir: Path) -> Path:
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and "/pass@" in k})
+    eval_keys = sorted(
+        {
+            k
+            for r in rows
+            for k in r
+            if k.startswith("eval/") and "/pass@" in k and not k.endswith(("_lo", "_hi", "_tasks"))
+        }
+    )
     lines = [f"# Run report: {run_dir.name}", ""]
     for filename, (title, keys) in PLOTS.items():
         keys = eval_keys if keys is None else keys
@@ -81,7 +98,7 @@ def write_report(run_dir: Path) -> Path:
                     label=LABELS.get(key, key),
                     markersize=3,
                 )
-                band_steps, low, high = _band(rows, key) if key in BANDS else ([], [], [])
+                band_steps, low, high = _band(rows, key) if _band_keys(key) else ([], [], [])
                 if band_steps:
                     ax.fill_between(
                         band_steps,
@@ -89,7 +106,7 @@ def write_report(run_dir: Path) -> Path:
                         high,
                         color=line.get_color(),
                         alpha=0.2,
-                        label="range across groups",
+                        label="95% interval" if key.startswith("eval/") else "range across groups",
                     )
                 drawn = True
         if drawn:
