@@ -25,6 +25,7 @@ import envs  # noqa: F401  (registers the ids)
 from envs.appworld import AppWorldEnv, AppWorldRuntimeError, AppWorldServerError, catalogue
 from envs.appworld import cli as appworld_cli
 from envs.appworld.runtime import resolve_python
+from envs.appworld.sealed import SANDBOX_SITE_PACKAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -435,7 +436,7 @@ def test_sealed_cells_see_no_host_secret_and_no_host_process(appworld_root, scen
 
 def test_sealed_cells_cannot_read_the_ground_truth_or_host_files(env, appworld_root, scenarios):
     task_id, written = task_of(scenarios, "address"), uuid.uuid4().hex
-    library = str(resolve_python().parent.parent / "lib")  # AppWorld's code, not its data
+    library = SANDBOX_SITE_PACKAGES  # AppWorld's code (where the sandbox sees it), not its data
     env.reset(options={"task_id": task_id})
     obs, *_ = run_cell(
         env,
