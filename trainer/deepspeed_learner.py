@@ -154,11 +154,11 @@ class DeepSpeedLearner(TorchLearner):
             raise ValueError("a DeepSpeed update needs at least one row on every rank")
         aggregation = self.cfg.objective.aggregation
         local = float(batch.loss_mask.sum()) if aggregation == "token_mean" else float(len(batch))
-        sizes = all_reduce(torch.tensor([local, float(len(micros))], dtype=torch.float64), "sum")
+        total = float(all_reduce(torch.tensor([local], dtype=torch.float64), "sum").item())
         count = int(all_reduce(torch.tensor([float(len(micros))]), "max").item())
         world = torch.distributed.get_world_size() if is_distributed() else 1
         # the rank's share relative to an even split: 1 when every rank holds the same amount
-        share = local * world / max(float(sizes[0]), 1.0)
+        share = local * world / max(total, 1.0)
         for index in range(count):
             self.engine.set_gradient_accumulation_boundary(index == count - 1)
             padding = index >= len(micros)
@@ -222,4 +222,7 @@ def _local_grads_finite(module: nn.Module) -> bool:
     beside this) covers what this misses, and the engine's grad norm after the step is checked
     too."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return all(bool(torch.isfinite(g).all()) for g in grads)
+    if not grads:
+        return True
+    # one device sync for all tensors (a norm is non-finite iff an entry is), not one per tensor
+    return bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all())
