@@ -1,7 +1,6 @@
-"""eprl/AppWorld-v0 against the real AppWorld engine (isolated venv, over HTTP), on generated data.
-
-The dataset is generated once per session (``eprl appworld make-data``) into a temporary root;
-one environment module-wide keeps a warm server so most tests pay ~0.5 s per episode.
+"""eprl/AppWorld-v0 against the real AppWorld engine (isolated venv, over HTTP), on generated data:
+the data, `eprl appworld setup`, scoring, the protocol, clear errors. The seal's escape tests are
+in test_envs_appworld_seal.py, the pool's sharing and cleanup in test_envs_appworld_pool.py.
 """
 
 import http.server
@@ -11,65 +10,42 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
-import uuid
-from pathlib import Path
 
 import gymnasium as gym
-import psutil
 import pytest
+from appworld_helpers import (
+    APPWORLD_MARKS,
+    REPO,
+    gone,
+    load_scenarios,
+    module_env,
+    run_cell,
+    solution_action,
+    task_of,
+)
 
 import envs  # noqa: F401  (registers the ids)
-from envs.appworld import AppWorldEnv, AppWorldRuntimeError, AppWorldServerError, catalogue
+from envs.appworld import (
+    AppWorldEnv,
+    AppWorldRuntimeError,
+    AppWorldServerError,
+    catalogue,
+)
 from envs.appworld import cli as appworld_cli
-from envs.appworld.runtime import resolve_python
-from envs.appworld.sealed import SANDBOX_SITE_PACKAGES
 
-REPO = Path(__file__).resolve().parents[1]
-
-try:
-    resolve_python()
-    HAVE_APPWORLD = True
-except AppWorldRuntimeError:
-    HAVE_APPWORLD = False
-
-pytestmark = [
-    pytest.mark.appworld,
-    pytest.mark.skipif(
-        not HAVE_APPWORLD,
-        reason="needs the AppWorld venv (.venv-appworld): run `make setup` "
-        "or set EPRL_APPWORLD_VENV",
-    ),
-]
+pytestmark = APPWORLD_MARKS
 
 
 @pytest.fixture(scope="module")
-def scenarios(appworld_root) -> dict[str, dict]:
-    """scenario id -> {name, difficulty, apps, split} as written by the generator."""
-    return json.loads((appworld_root / "data" / "eprl_generated.json").read_text())["scenarios"]
-
-
-def task_of(scenarios: dict, name: str, n: int = 1) -> str:
-    return next(f"{sid}_{n}" for sid, meta in scenarios.items() if meta["name"] == name)
+def scenarios(appworld_root):
+    return load_scenarios(appworld_root)
 
 
 @pytest.fixture(scope="module")
 def env(appworld_root):
-    """One environment for the module: its (shared) server pool stays warm between tests."""
-    environment = gym.make("eprl/AppWorld-v0", root=str(appworld_root), max_servers=2)
-    yield environment
-    environment.close()
-
-
-def solution_action(root: Path, task_id: str) -> str:
-    code = (root / "data" / "tasks" / task_id / "ground_truth" / "solution.py").read_text()
-    return f"I will run the reference solution.\n```python\n{code}\nsolution(apis, requester)\n```"
-
-
-def run_cell(env, code: str):
-    return env.step(f"```python\n{code}\n```")
+    yield from module_env(appworld_root)
 
 
 # ------------------------------------------------------------------ data
@@ -119,6 +95,44 @@ def test_generated_data_has_appworld_layout(appworld_root, scenarios):
         ):
             assert (ground_truth / name).is_file(), (task_id, name)
     assert {t.split("_")[1] for t in all_ids} == {"1", "2", "3"}
+
+
+def _release_host_resolves() -> bool:
+    try:
+        socket.getaddrinfo(appworld_cli.RELEASE_HOST, 443)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(
+    _release_host_resolves(),
+    reason=f"{appworld_cli.RELEASE_HOST} resolves here, so `eprl appworld setup` would download "
+    "AppWorld's release instead of failing; this test runs on machines without that route",
+)
+def test_setup_says_clearly_that_the_release_cannot_be_downloaded_and_changes_nothing(tmp_path):
+    """The real command (`eprl appworld setup`, which runs `appworld download data`) on a
+    machine with no route to AppWorld's data host."""
+    root = tmp_path / "aw"
+    done = subprocess.run(
+        [sys.executable, "-m", "eprl", "appworld", "setup", "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"AppWorld's data host ({appworld_cli.RELEASE_HOST}) cannot be reached" in done.stdout
+    assert "make-data --out" in done.stdout and f"Nothing was changed under {root}" in done.stdout
+    assert not root.exists() and list(tmp_path.iterdir()) == []  # no staging folder left
+
+
+def test_setup_keeps_data_already_there_and_names_it(appworld_root, capsys):
+    assert appworld_cli.setup(root=str(appworld_root)) == 0
+    out = capsys.readouterr().out
+    assert "already holds appworld-generated data; nothing downloaded" in out
+    assert "not AppWorld's benchmark" in out
+    assert (appworld_root / "data" / "eprl_generated.json").is_file()
 
 
 # ------------------------------------------------------------------ scoring through the real engine
@@ -227,6 +241,36 @@ def test_turn_limit_and_oversized_output_and_action(appworld_root, scenarios):
         assert truncated and info["truncation_reason"] == "action_too_long" and "5000" in obs
     finally:
         environment.close()
+
+
+def test_the_worked_example_is_off_by_default_and_every_cell_of_it_runs(
+    env, appworld_root, scenarios
+):
+    """``demonstration=True`` puts our worked episode between the rules and the task; its cells
+    run unchanged against the real engine (no failing call is taught); an episode the agent
+    cuts (``truncate``, as at a full context) is still graded: the tests on its last state."""
+    from envs.appworld import demonstration
+
+    task_id = task_of(scenarios, "address")
+    plain, info = env.reset(options={"task_id": task_id})
+    assert "Example task:" not in plain and info["data"] == "appworld-generated"
+    shown = gym.make("eprl/AppWorld-v0", root=str(appworld_root), max_servers=2, demonstration=True)
+    try:
+        prompt, _ = shown.reset(options={"task_id": task_id})
+        assert prompt.index("You are an autonomous agent") < prompt.index("Example task:")
+        assert prompt.index("End of the example.") < prompt.index("Supervisor:")
+        assert prompt.rindex("Task:") > prompt.index("End of the example.")
+        assert all(code in prompt for code in demonstration.cells())
+        outputs = [run_cell(shown, code)[0] for code in demonstration.cells()[:-1]]
+        assert not any("Execution failed" in out for out in outputs), outputs
+        assert outputs[2].strip() == "logged in" and outputs[3].split()[0].isdigit(), outputs
+        reward, info = shown.unwrapped.truncate("context_limit")
+        assert info["truncation_reason"] == "context_limit" and not info["success"]
+        assert (info["tests_passed"], info["tests_total"], reward) == (1, 2, 0.5)
+        with pytest.raises(RuntimeError, match="reset"):
+            shown.unwrapped.truncate()
+    finally:
+        shown.close()
 
 
 def test_check_env_with_a_fixed_task(appworld_root, scenarios):
@@ -363,209 +407,6 @@ def test_hung_server_fails_the_episode_quickly(appworld_root, scenarios):
         httpd.shutdown()
 
 
-# ------------------------------------------------------------------ sealed: escape attempts
-# Cells an agent could send. AppWorld's own guard reads the code's text (it bans `open`,
-# `os.listdir`, `import socket`, ...) and swaps functions such as `os.fork`, `os.kill` or
-# `Path.read_bytes` for no-ops while a cell runs; `__import__` and the `posix` module get past
-# both, so each probe uses them and only the sandbox stands in the way.
-READ = "P = __import__('posix')\ndef read(path):\n    fd = P.open(path, P.O_RDONLY)\n    return P.read(fd, 1 << 20)\n"
-
-
-def _next_episode_is_normal(env, root: Path, scenarios) -> None:
-    task_id = task_of(scenarios, "venmopay", 3)
-    env.reset(options={"task_id": task_id})
-    obs, reward, terminated, truncated, info = env.step(solution_action(root, task_id))
-    assert (reward, terminated, info["success"]) == (1.0, True, True), obs[-500:]
-
-
-def test_sealed_cells_reach_no_host_socket(env, appworld_root, scenarios):
-    tcp = socket.create_server(("127.0.0.1", 0))
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", 0))
-    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    abstract.bind(f"\0eprl-probe-{uuid.uuid4().hex}")
-    abstract.listen(1)
-    for sock in (tcp, udp, abstract):
-        sock.setblocking(False)
-    env.reset(options={"task_id": task_of(scenarios, "address")})
-    obs, *_ = run_cell(
-        env,
-        f"s = __import__('socket')\n"
-        f"for family, kind, address in [(s.AF_INET, s.SOCK_STREAM, ('127.0.0.1', {tcp.getsockname()[1]})),\n"
-        f"        (s.AF_UNIX, s.SOCK_STREAM, {abstract.getsockname()!r})]:\n"
-        "    try:\n        s.socket(family, kind).connect(address); print('CONNECTED', address)\n"
-        "    except OSError as error:\n        print('refused', type(error).__name__)\n"
-        f"s.socket(s.AF_INET, s.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', {udp.getsockname()[1]}))\n"
-        "print('interfaces', [name for _, name in s.if_nameindex()])",
-    )
-    assert "CONNECTED" not in obs and obs.count("refused") == 2, obs
-    assert "interfaces ['lo']" in obs, obs  # a network namespace of its own
-    for accept in (tcp.accept, abstract.accept, lambda: udp.recvfrom(10)):
-        with pytest.raises(BlockingIOError):
-            accept()
-    for sock in (tcp, udp, abstract):
-        sock.close()
-    _next_episode_is_normal(env, appworld_root, scenarios)
-
-
-def test_sealed_cells_see_no_host_secret_and_no_host_process(appworld_root, scenarios, monkeypatch):
-    secret = f"eprl-secret-{uuid.uuid4().hex}"
-    monkeypatch.setenv("EPRL_PROBE_SECRET", secret)  # before this env's own server starts
-    environment = gym.make("eprl/AppWorld-v0", root=str(appworld_root), max_servers=1)
-    try:
-        environment.reset(options={"task_id": task_of(scenarios, "address")})
-        obs, *_ = run_cell(
-            environment,
-            READ + "o = __import__('os')\n"
-            "pids = sorted(int(e.name) for e in P.scandir('/proc') if e.name.isdigit())\n"
-            "blobs = [read(f'/proc/{pid}/environ') for pid in pids]\n"
-            f"print('leak' if any({secret[::-1]!r}[::-1].encode() in b for b in blobs) else 'clean')\n"
-            "print('keys', sorted(o.environ))\nprint('pids', pids)\n"
-            f"try:\n    P.kill({os.getpid()}, 0); print('SIGNALLED')\n"
-            "except OSError as error:\n    print('no such process:', type(error).__name__)",
-        )
-        assert secret not in obs and "clean" in obs, obs
-        keys = eval(obs.split("keys ", 1)[1].splitlines()[0])
-        assert set(keys) <= {"APPWORLD_CACHE", "APPWORLD_ROOT", "HOME", "LANG", "PATH", "PWD"}
-        pids = eval(obs.split("pids ", 1)[1].splitlines()[0])
-        assert len(pids) <= 3, pids  # bwrap's init and the server: a pid namespace of its own
-        assert "SIGNALLED" not in obs and "ProcessLookupError" in obs, obs
-    finally:
-        environment.close()
-
-
-def test_sealed_cells_cannot_read_the_ground_truth_or_host_files(env, appworld_root, scenarios):
-    task_id, written = task_of(scenarios, "address"), uuid.uuid4().hex
-    library = SANDBOX_SITE_PACKAGES  # AppWorld's code (where the sandbox sees it), not its data
-    env.reset(options={"task_id": task_id})
-    obs, *_ = run_cell(
-        env,
-        READ + f"for path in ['/aw/data/tasks/{task_id}/ground_truth/answer.json',\n"
-        f"             {str(appworld_root / 'data' / 'tasks' / task_id / 'ground_truth' / 'answer.json')!r},\n"
-        f"             {str(REPO / 'envs' / 'appworld' / 'env.py')!r}, '/etc/passwd', '/root']:\n"
-        "    try:\n        read(path); print('READ', path)\n"
-        "    except OSError as error:\n        print('absent', type(error).__name__, path)\n"
-        "found, todo = [], ['/']\nwhile todo:\n    top = todo.pop()\n"
-        "    for entry in P.scandir(top):\n"
-        f"        if entry.path in ('/proc', '/sys', '/usr', {library!r}):\n            continue\n"
-        "        if 'ground_truth' in entry.name or entry.name in ('answer.json', 'solution.py',\n"
-        "                'evaluation.py', 'private_data.json'):\n            found.append(entry.path)\n"
-        "        if entry.is_dir(follow_symlinks=False):\n            todo.append(entry.path)\n"
-        "print('found', found)\nprint('tasks', sorted(e.name for e in P.scandir('/aw/data/tasks')))\n"
-        f"fd = P.open('/tmp/{written}', P.O_WRONLY | P.O_CREAT)\nP.write(fd, b'x'); print('wrote /tmp')",
-    )
-    assert "READ" not in obs and obs.count("absent") == 5, obs
-    assert "found []" in obs and f"tasks ['{task_id}']" in obs, obs
-    assert "wrote /tmp" in obs and not (Path("/tmp") / written).exists()  # a private /tmp
-    obs, reward, terminated, _, info = run_cell(  # the only way to an answer is the task itself
-        env, "apis.supervisor.complete_task(answer=globals().get('answer'))"
-    )
-    assert terminated and (info["tests_passed"], info["tests_total"], reward) == (1, 2, 0.5)
-    _next_episode_is_normal(env, appworld_root, scenarios)
-
-
-def test_a_daemon_does_not_survive_close(appworld_root, scenarios):
-    marker = str(800_000 + uuid.uuid4().int % 99_999)
-    environment = gym.make("eprl/AppWorld-v0", root=str(appworld_root), max_servers=1)
-    try:
-        environment.reset(options={"task_id": task_of(scenarios, "address")})
-        run_cell(
-            environment,
-            "P = __import__('posix')\nif P.fork() == 0:\n    P.setsid()\n"
-            f"    if P.fork() == 0:\n        P.execv('/bin/sleep', ['sleep', '{marker}'])\n"
-            "    P._exit(0)",
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not _sleeping(marker):
-            time.sleep(0.1)
-        assert _sleeping(marker)  # it runs, detached from the server, after its cell ended
-    finally:
-        environment.close()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _sleeping(marker):
-        time.sleep(0.1)
-    assert not _sleeping(marker)
-
-
-def _sleeping(marker: str) -> bool:
-    return any(
-        (process.info["cmdline"] or [])[-1:] == [marker]
-        for process in psutil.process_iter(["cmdline"])
-    )
-
-
-def test_alarm_off_and_a_loop_are_stopped_from_outside(env, appworld_root, scenarios):
-    environment = gym.make(
-        "eprl/AppWorld-v0",
-        root=str(appworld_root),
-        max_servers=2,  # the module's pool
-        cell_timeout_s=2,
-        request_margin_s=3.0,
-    )
-    try:
-        environment.reset(options={"task_id": task_of(scenarios, "address")})
-        victim = environment.unwrapped.server.process
-        started = time.monotonic()
-        with pytest.raises(AppWorldServerError, match="did not answer /execute"):
-            run_cell(environment, "__import__('signal').alarm(0)\nwhile True:\n    pass")
-        assert time.monotonic() - started < 20 and victim.poll() is not None
-    finally:
-        environment.close()
-    _next_episode_is_normal(env, appworld_root, scenarios)
-
-
-def test_a_memory_bomb_is_contained(env, appworld_root, scenarios):
-    env.reset(options={"task_id": task_of(scenarios, "address")})
-    obs, *_ = run_cell(env, "x = bytearray(8 << 30)")
-    assert "MemoryError" in obs, obs
-    obs, *_ = run_cell(env, "chunks = []\nwhile True:\n    chunks.append(bytearray(256 << 20))")
-    assert "MemoryError" in obs, obs
-    obs, *_ = run_cell(env, "del chunks\nprint('alive')")
-    assert obs.strip() == "alive"
-    _next_episode_is_normal(env, appworld_root, scenarios)
-
-
-# ------------------------------------------------------------------ no process left behind
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def test_dropped_env_and_interpreter_exit_leave_no_process_behind(appworld_root, scenarios):
-    """An env dropped mid-episode gives its server back (a sealed server runs one episode, so
-    it is stopped and its slot refilled); at exit the unclosed pool (a spare too) goes too."""
-    script = textwrap.dedent(f"""
-        import gc, gymnasium as gym, psutil, envs
-        task = {{"task_id": {task_of(scenarios, "address")!r}}}
-        dropped = gym.make("eprl/AppWorld-v0", root={str(appworld_root)!r}, max_servers=1)
-        kept = gym.make("eprl/AppWorld-v0", root={str(appworld_root)!r}, max_servers=1)
-        dropped.reset(options=task)
-        runtime = kept.unwrapped.runtime  # the same shared pool
-        pid = dropped.unwrapped.server.process.pid
-        del dropped
-        gc.collect()
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
-        server = runtime.acquire(timeout_s=120)  # the pool's only slot is free again
-        runtime.release(server)
-        kept.reset(options=task)
-        print(",".join(map(str, runtime.pids())), runtime.workdir, flush=True)
-    """)
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    pids, workdir = result.stdout.split()
-    pids = [int(pid) for pid in pids.split(",")]  # the kept env's server, maybe a spare
-    deadline = time.monotonic() + 10
-    while not all(map(_gone, pids)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert all(map(_gone, pids)) and not Path(workdir).exists()
-
-
 def test_close_leaves_no_process_behind(env):
     """Runs last among the env tests: closing the module's environment stops its servers."""
     env.reset()
@@ -573,7 +414,7 @@ def test_close_leaves_no_process_behind(env):
     pids, workdir = runtime.pids(), runtime.workdir
     assert pids and workdir.is_dir() and (workdir / "shared" / "base_dbs").is_dir()
     env.close()
-    assert all(_gone(pid) for pid in pids) and not workdir.exists()
+    assert all(gone(pid) for pid in pids) and not workdir.exists()
     assert runtime.pids() == []
     env.close()  # idempotent
 

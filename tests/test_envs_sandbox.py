@@ -376,3 +376,47 @@ def test_many_concurrent_sandboxes_each_get_their_own_process_budget():
     finally:
         for box in boxes:
             box.close()
+
+
+# work directories of killed processes ------------------------------------------------------
+SWEEP_PROBE = """
+import sys, time
+from envs.sandbox import PythonSandbox, SandboxConfig
+box = PythonSandbox(SandboxConfig(mode="rlimits-only", cell_timeout_s=30))
+box.run_cell("x = 1")
+print(box._workdir, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_sigkilled_sessions_work_directory_is_swept_by_the_next_one(tmp_path):
+    """An rlimits-only session keeps a HOME on the host; SIGKILL skips close() and finalizers,
+    so the directory stays until the next session in this pid namespace removes it."""
+    import subprocess
+    import sys
+
+    from envs.sandbox.workdirs import owned_tempdir, owner_alive, sweep_stale
+
+    repo = Path(__file__).resolve().parents[1]
+    victim = subprocess.Popen(
+        [sys.executable, "-c", SWEEP_PROBE], stdout=subprocess.PIPE, text=True, cwd=repo
+    )
+    left = Path(victim.stdout.readline().strip())
+    victim.kill()
+    victim.wait()
+    victim.stdout.close()
+    assert left.is_dir() and owner_alive(left.name, "eprl-sandbox-") is False
+    mine = owned_tempdir("eprl-sandbox-")  # what the next session does first
+    try:
+        assert not left.exists()
+        assert owner_alive(mine.name, "eprl-sandbox-") is True
+        assert mine not in sweep_stale("eprl-sandbox-") and mine.is_dir()  # a live owner's stays
+    finally:
+        mine.rmdir()
+    foreign = [
+        tmp_path / "eprl-sandbox-1-2-3-x",  # another pid namespace
+        tmp_path / "eprl-sandbox-handmade",  # not named after an owner
+    ]
+    for path in foreign:
+        path.mkdir()
+    assert sweep_stale("eprl-sandbox-", tmp_path) == [] and all(p.is_dir() for p in foreign)

@@ -1,7 +1,10 @@
 """``eprl appworld setup | make-data | doctor``: plain functions the CLI wires (each returns an exit code).
 
 - ``setup()``: checks the isolated AppWorld venv and unpacks AppWorld's apps into it when needed
-  (``appworld install``, offline); it never creates the venv (``make setup`` does).
+  (``appworld install``, offline; it never creates the venv, ``make setup`` does), then downloads
+  AppWorld's released data (``appworld download data``) into the AppWorld root unless data is
+  already there. Without a route to AppWorld's data host it says so, changes nothing, and names
+  the two ways on: copy the release from a connected machine, or ask for the generated world.
 - ``make_data(out, seed, ...)``: runs the ``make_data`` package inside the AppWorld venv.
 - ``doctor(root)``: what is installed, where the data is, and whether a server starts and runs
   a task.
@@ -10,7 +13,10 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +28,21 @@ from envs.appworld.runtime import (
     resolve_python,
     resolve_root,
 )
+from envs.appworld.server import data_source
+
+# Where appworld==0.1.3.post1 fetches its data bundle (appworld/download.py), for messages only.
+RELEASE_HOST = "s3.us-west-2.amazonaws.com"
+_UNREACHABLE = [  # the most telling first: the output holds several of them
+    re.compile(pattern)
+    for pattern in (
+        r"Failed to resolve '[^']*'",
+        r"Failed to download file\. Status code: \d+",
+        r"Network is unreachable",
+        r"Connection refused",
+        r"Read timed out|Connect timeout|timed out after \d+ s",
+        r"NameResolutionError|Max retries exceeded",
+    )
+]
 
 # The generator runs as the top-level package ``make_data`` from this folder (``-m`` puts the
 # working directory on the path): ``-m envs.appworld.make_data`` would import ``envs``, which
@@ -49,8 +70,10 @@ def _probe(python: Path) -> tuple[str, str, bool]:
     return version, folder, unpacked == "True"
 
 
-def setup(python: str | None = None) -> int:
-    """Check the AppWorld venv; run ``appworld install`` there if its apps are not unpacked yet."""
+def setup(python: str | None = None, root: str | None = None, download: bool = True) -> int:
+    """Check the AppWorld venv; run ``appworld install`` there if its apps are not unpacked yet;
+    then (``download``) fetch AppWorld's released data into ``root`` (default
+    ``$APPWORLD_ROOT``, else ``$EPRL_CACHE_DIR/appworld``) unless data is already there."""
     try:
         executable = resolve_python(python)
     except AppWorldRuntimeError as error:
@@ -74,10 +97,73 @@ def setup(python: str | None = None) -> int:
     print(f"AppWorld {version} ready in {executable.parent.parent} (apps unpacked: {unpacked}).")
     if version != APPWORLD_VERSION:
         print(f"warning: eprl is tested with appworld=={APPWORLD_VERSION}, found {version}")
+    if not unpacked:
+        return 1
+    if not download:
+        print("data: not downloaded (--no-download).")
+        return 0
+    return download_release(executable, root)
+
+
+def _data_root(root: str | None) -> Path:
+    return Path(root or os.environ.get("APPWORLD_ROOT") or default_root()).expanduser().absolute()
+
+
+def download_release(executable: Path, root: str | None = None) -> int:
+    """``appworld download data`` into a staging folder beside the root, moved into place only
+    once complete: AppWorld's own command deletes an existing ``data/`` before it downloads, and
+    reports an HTTP failure with exit code 0, so neither may touch the root directly."""
+    target = _data_root(root)
+    if (target / "data" / "tasks").is_dir():
+        source = data_source(target)
+        print(f"data: {target}/data already holds {source} data; nothing downloaded.")
+        if source == "appworld-generated":
+            print(
+                "      (the generated offline world, not AppWorld's benchmark: move it away and "
+                "rerun `eprl appworld setup` to fetch the release)"
+            )
+        return 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-download-", dir=target.parent))
+    command = [str(executable.parent / "appworld"), "download", "data", "--root", str(staging)]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+    }
+    print(f"downloading AppWorld's released data into {target}/data (`appworld download data`) ...")
+    try:
+        try:
+            result = subprocess.run(
+                command, env=env, cwd=staging, capture_output=True, text=True, timeout=1800
+            )
+            output, returncode = result.stdout + result.stderr, result.returncode
+        except subprocess.TimeoutExpired:
+            output, returncode = "timed out after 1800 s", -1
+        if returncode == 0 and (staging / "data" / "tasks").is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / "data", target / "data")
+            tasks = sum(1 for _ in (target / "data" / "tasks").iterdir())
+            print(f"data: AppWorld's released data ({tasks} tasks) ready in {target}/data.")
+            return 0
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    flat = " ".join(output.split())  # AppWorld's rich traceback wraps lines anywhere
+    found = (pattern.search(flat) for pattern in _UNREACHABLE)
+    reason = next((match.group(0) for match in found if match), None)
+    if reason and reason.startswith("Failed to download file"):
+        cause = f"AppWorld's data host ({RELEASE_HOST}) refused the download"
+    elif reason:
+        cause = f"AppWorld's data host ({RELEASE_HOST}) cannot be reached from this machine"
+    else:
+        cause = f"`appworld download data` failed (exit code {returncode})"
+    detail = reason or (flat[-300:] or "no output")
     print(
-        "Next: `eprl appworld make-data` (offline data) or set APPWORLD_ROOT to AppWorld's released data."
+        f"data: NOT DOWNLOADED. {cause}: {detail}\n"
+        f"      Nothing was changed under {target}. Either copy the release from a connected "
+        f"machine (`appworld download data --root DIR` there, then DIR/data to {target}/data), "
+        f"or, for a small offline world (generated tasks, not AppWorld's benchmark), run "
+        f"`eprl appworld make-data --out {target}`."
     )
-    return 0 if unpacked else 1
+    return 1
 
 
 def make_data(

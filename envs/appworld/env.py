@@ -8,9 +8,11 @@ One episode is one AppWorld task on one server of the runtime (``runtime.py``):
 ``step(action)`` runs the first fenced code block of the action (``/execute``) and returns its
 output, cut to ``max_observation_chars`` (12,000 characters, about 3K tokens, by default).
 The episode ends when the task reports completion (``terminated``) or after ``max_turns`` cells
-(``truncated``; 40 for training, LOOP evaluates with 50). At the end the task's unit tests run
-on the state the world saved after its last cell: reward = fraction passed, ``success`` = all
-passed.
+(``truncated``; 40 for training, LOOP evaluates with 50), or when the agent cuts it
+(``truncate()``, e.g. at a full context). However it ends, the task's unit tests run on the state
+the world saved after its last cell: reward = fraction passed, ``success`` = all passed. Every
+``info`` says which data the episode ran on (``data``: the release or the generated world), and
+``demonstration=True`` adds a worked example episode to the prompt (``demonstration.py``).
 
 Local servers are sealed (``sealed.py``): the cells run in a bubblewrap sandbox, one per
 episode, with no network, no host secrets and no ground truth; the tests run afterwards in a
@@ -29,6 +31,7 @@ from typing import Any
 
 import gymnasium as gym
 
+from envs.appworld import demonstration as worked_example
 from envs.appworld.runtime import (
     AppWorldRuntime,
     AppWorldRuntimeError,
@@ -38,6 +41,7 @@ from envs.appworld.runtime import (
     shared_runtime,
 )
 from envs.appworld.sealed import install_task
+from envs.appworld.server import data_source
 from envs.text import extract_code_block, has_code_fence, text_space, to_charset, truncate_text
 
 ENV_ID = "eprl/AppWorld-v0"
@@ -150,6 +154,8 @@ class AppWorldEnv(gym.Env):
         server_urls: use these running ``appworld serve environment`` servers (same data)
             instead of starting local ones.
         start_timeout_s: how long a new server may take to answer.
+        demonstration: show a worked example episode (ours, AppWorld's ReAct style; see
+            ``demonstration.py``) in the prompt before the task. Off by default.
     """
 
     metadata = {"render_modes": []}
@@ -168,6 +174,7 @@ class AppWorldEnv(gym.Env):
         max_servers: int | None = None,
         server_urls: list[str] | None = None,
         start_timeout_s: float = 180.0,
+        demonstration: bool = False,
     ):
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
@@ -189,6 +196,8 @@ class AppWorldEnv(gym.Env):
         self.max_action_chars = max_action_chars
         self.cell_timeout_s = cell_timeout_s
         self.request_margin_s = request_margin_s
+        self.demonstration = bool(demonstration)
+        self.data = data_source(self.root)  # in every info: which data the episode ran on
         self._runtime_config = dict(
             root=self.root,
             python=python,
@@ -303,6 +312,10 @@ class AppWorldEnv(gym.Env):
             instruction=task["instruction"],
             **task["supervisor"],
         )
+        if self.demonstration:
+            prompt = prompt.replace(
+                "\nSupervisor: ", "\n" + worked_example.render() + "\nSupervisor: ", 1
+            )
         observation = truncate_text(to_charset(prompt), self.observation_space.max_length)
         return observation, self._info()
 
@@ -330,6 +343,16 @@ class AppWorldEnv(gym.Env):
             return self._finish(observation, terminated=False, truncation_reason="max_turns")
         return observation, 0.0, False, False, self._info()
 
+    def truncate(self, reason: str = "context_limit") -> tuple[float, dict[str, Any]]:
+        """End the running episode early (the agent's context is full, or it stops for any
+        other reason) and grade it like a turn-limit cut: the task's tests on the state its
+        last cell left, so the episode still earns its partial credit. Returns ``(reward,
+        info)`` with ``truncation_reason=reason``; ``step``/``reset`` semantics are unchanged."""
+        if self._done or self._lease.server is None:
+            raise RuntimeError("the episode is over (or never started): call reset() first")
+        _, reward, _, _, info = self._finish("", terminated=False, truncation_reason=reason)
+        return reward, info
+
     def close(self) -> None:
         self._end_episode()
         self._lease.give_back()
@@ -353,6 +376,7 @@ class AppWorldEnv(gym.Env):
             "turn": self._turn,
             "split": self._task_split or self.split,
             "scenario_id": scenario_of(self._task_id),
+            "data": self.data,
         }
         info.update(extra)
         return info

@@ -11,14 +11,16 @@ Design:
   then killed; ``release`` starts a replacement in the background, so a ``reset`` normally
   finds a fresh server waiting. All servers of a runtime share one work directory (the
   task-independent data, ``serve.py``, one directory per server, the evaluator's inbox, the
-  logs); it is removed on close.
+  logs); it is removed on close, and, when this process was SIGKILLed before it could, by the
+  next runtime to start (``envs/sandbox/workdirs.py``: the directory is named after its owner).
 - The reward comes from ``evaluate``: the saved end state of the episode is copied out of the
   server's directory and evaluated by one sandboxed evaluator process per runtime, which holds
   the ground truth and never runs model code.
 - The pool starts servers lazily; at most ``max_servers`` run episodes at once, plus one spare
   starting or waiting for the next episode. ``acquire`` hands out an idle server (checking that
-  it is alive and answers) or starts one, and blocks, with a timeout, while ``max_servers`` are
-  busy.
+  it is alive and answers), else waits for a spare already starting (sooner than a second start
+  competing with it for the CPU), else starts one, and blocks, with a timeout, while
+  ``max_servers`` are busy.
 - A server that dies or stops answering fails the request in flight with
   ``AppWorldServerError`` (a clear message naming the server, the task and the log tail; never
   a hang: every request has a timeout, which is also how a cell's time limit is enforced from
@@ -38,9 +40,7 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import subprocess
-import tempfile
 import threading
 import time
 import weakref
@@ -48,184 +48,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from envs.appworld import sealed
+from envs.appworld import leases, sealed
+from envs.appworld.server import (  # noqa: F401  (re-exported: the runtime's public names)
+    APPWORLD_VERSION,
+    DEFAULT_VENV,
+    REPO_ROOT,
+    AppWorldRuntimeError,
+    AppWorldServer,
+    AppWorldServerError,
+    cache_dir,
+    default_root,
+    kill_process_groups,
+    resolve_python,
+    resolve_root,
+)
+from envs.sandbox.workdirs import owned_tempdir
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_VENV = REPO_ROOT / ".venv-appworld"
-APPWORLD_VERSION = "0.1.3.post1"
-
-
-class AppWorldRuntimeError(RuntimeError):
-    """The AppWorld runtime is missing, unreachable or failed; the message says what to do."""
-
-
-class AppWorldServerError(AppWorldRuntimeError):
-    """An AppWorld server died or stopped answering; the episode on it is lost."""
-
-
-def cache_dir() -> Path:
-    """eprl's cache root: ``$EPRL_CACHE_DIR``, else ``~/.cache/eprl``."""
-    return Path(os.environ.get("EPRL_CACHE_DIR", Path.home() / ".cache" / "eprl"))
-
-
-def default_root() -> Path:
-    """Where ``eprl appworld make-data`` writes by default and the env looks last."""
-    return cache_dir() / "appworld"
-
-
-def resolve_root(root: str | os.PathLike | None = None) -> Path:
-    """The AppWorld root (the directory holding ``data/``): ``root``, else ``$APPWORLD_ROOT``,
-    else ``default_root()``. Raises ``AppWorldRuntimeError`` when it holds no AppWorld data."""
-    candidate = root or os.environ.get("APPWORLD_ROOT") or default_root()
-    path = Path(candidate).expanduser().absolute()
-    if not (path / "data" / "tasks").is_dir():
-        source = (
-            "root="
-            if root
-            else ("$APPWORLD_ROOT" if os.environ.get("APPWORLD_ROOT") else "the default root")
-        )
-        raise AppWorldRuntimeError(
-            f"no AppWorld data under {path} ({source}): expected {path}/data/tasks. Generate a small "
-            f"dataset offline with `eprl appworld make-data --out {path}`, or point APPWORLD_ROOT at "
-            "AppWorld's released data (`appworld download data --root DIR` on a connected machine)."
-        )
-    return path
-
-
-def resolve_python(python: str | os.PathLike | None = None) -> Path:
-    """The AppWorld venv's python: ``python``, else ``$EPRL_APPWORLD_VENV``, else
-    ``<repo>/.venv-appworld``; each may name the venv, its ``bin`` folder or the interpreter."""
-    candidate = Path(python or os.environ.get("EPRL_APPWORLD_VENV") or DEFAULT_VENV).expanduser()
-    # absolute(), not resolve(): a venv's python is a symlink, and following it leaves the venv
-    for executable in (candidate, candidate / "bin" / "python", candidate / "python"):
-        if executable.is_file() and os.access(executable, os.X_OK):
-            return executable.absolute()
-    raise AppWorldRuntimeError(
-        f"the AppWorld venv's python was not found at {candidate} (looked for {candidate}/bin/python): "
-        f"run `make setup` (it builds .venv-appworld with appworld=={APPWORLD_VERSION}) or set "
-        "EPRL_APPWORLD_VENV to such a venv."
-    )
-
-
-def _log_tail(path: Path | None, lines: int = 25) -> str:
-    if path is None or not path.exists():
-        return ""
-    text = path.read_text(errors="replace").strip().splitlines()[-lines:]
-    return ("\n--- server log (last lines) ---\n" + "\n".join(text)) if text else ""
-
-
-class AppWorldServer:
-    """One AppWorld environment server: a process this runtime started, or a given URL."""
-
-    def __init__(
-        self,
-        url: str,
-        process: subprocess.Popen | None = None,
-        log_path: Path | None = None,
-        directory: Path | None = None,
-    ):
-        self.url = url
-        self.process = process
-        self.log_path = log_path
-        self.directory = directory  # a sealed server's private directory; None for a URL
-        transport = None
-        if directory is not None:
-            transport = httpx.HTTPTransport(uds=str(directory / sealed.SOCKET_NAME))
-        self._client = httpx.Client(
-            base_url=url, timeout=30.0, trust_env=False, transport=transport
-        )
-
-    @property
-    def sealed(self) -> bool:
-        """Whether this server is a sandbox this runtime started (else someone else's URL)."""
-        return self.directory is not None
-
-    def __repr__(self) -> str:
-        if self.sealed:
-            return f"sealed AppWorld server {self.directory.name} (pid {self.process.pid})"
-        return f"AppWorld server at {self.url}"
-
-    def alive(self) -> bool:
-        return self.process is None or self.process.poll() is None
-
-    def healthy(self, timeout_s: float = 10.0) -> bool:
-        if not self.alive():
-            return False
-        try:
-            return self._client.get("/", timeout=timeout_s).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def call(self, method: str, timeout_s: float, **payload: Any) -> Any:
-        """POST ``/<method>`` with a JSON body and return its ``output``.
-
-        Raises ``AppWorldServerError`` when the server dies, hangs past ``timeout_s`` or cannot
-        be reached, and ``AppWorldRuntimeError`` when AppWorld answers with an error.
-        """
-        what = f"/{method}" + (f" for task {payload['task_id']}" if "task_id" in payload else "")
-        try:
-            response = self._client.post(f"/{method}", json=payload, timeout=timeout_s)
-        except httpx.TimeoutException as error:
-            raise AppWorldServerError(
-                f"{self} did not answer {what} within {timeout_s:.0f}s; it is presumed hung and will "
-                f"be replaced, and this episode is lost (call reset() to start a new one).{_log_tail(self.log_path)}"
-            ) from error
-        except httpx.TransportError as error:
-            state = (
-                "" if self.alive() else f" (its process exited with code {self.process.returncode})"
-            )
-            raise AppWorldServerError(
-                f"{self} failed during {what}{state}: {type(error).__name__}: {error}. The server will be "
-                f"replaced and this episode is lost (call reset() to start a new one).{_log_tail(self.log_path)}"
-            ) from error
-        if response.status_code != 200:
-            if not self.alive():
-                raise AppWorldServerError(
-                    f"{self} died during {what} (exit code {self.process.returncode}).{_log_tail(self.log_path)}"
-                )
-            raise AppWorldRuntimeError(
-                f"AppWorld failed on {what}: HTTP {response.status_code} {response.text[:500]}{_log_tail(self.log_path)}"
-            )
-        return response.json()["output"]
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise AppWorldRuntimeError(
-                    f"{self} exited with code {self.process.returncode} while starting.{_log_tail(self.log_path)}"
-                )
-            if self.healthy(timeout_s=min(5.0, max(deadline - time.monotonic(), 0.1))):
-                return
-            time.sleep(0.2)
-        raise AppWorldRuntimeError(
-            f"{self} did not answer within {timeout_s:.0f}s of starting (raise start_timeout_s on a "
-            f"busy machine).{_log_tail(self.log_path)}"
-        )
-
-    def close_client(self) -> None:
-        self._client.close()
-
-
-def _kill_process_groups(processes: list[subprocess.Popen], grace_s: float = 2.0) -> None:
-    """SIGTERM each server's process group, then SIGKILL whatever is left after ``grace_s``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for process in processes:
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, sig)
-        deadline = time.monotonic() + grace_s
-        for process in processes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(deadline - time.monotonic(), 0.01))
-        if all(process.poll() is not None for process in processes):
-            break
-    for process in processes:  # reap; the group (AppWorld spawns nothing) goes with the leader
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=1.0)
+WORKDIR_PREFIX = "eprl-appworld-"  # under the temp dir, named after its owner (workdirs.py)
 
 
 def _shutdown(
@@ -235,7 +75,7 @@ def _shutdown(
 ) -> None:
     if evaluator.get("evaluator") is not None:
         evaluator["evaluator"].kill()
-    _kill_process_groups(processes)
+    kill_process_groups(processes)
     processes.clear()
     if workdir.get("path") is not None:
         shutil.rmtree(workdir["path"], ignore_errors=True)
@@ -257,6 +97,7 @@ class AppWorldRuntime:
         server_urls: Sequence[str] | None = None,
         start_timeout_s: float = 180.0,
         acquire_timeout_s: float = 600.0,
+        lease_dir: str | os.PathLike | None = None,
     ):
         self.root = resolve_root(root)
         self.server_urls = [url.rstrip("/") for url in server_urls or []]
@@ -268,10 +109,14 @@ class AppWorldRuntime:
         )
         self.start_timeout_s = start_timeout_s
         self.acquire_timeout_s = acquire_timeout_s
+        # URLs are leased across processes (leases.py); sealed servers are this runtime's own
+        self.lease_dir = Path(lease_dir) if lease_dir else leases.default_lease_dir()
         self._condition = threading.Condition()
         self._idle: list[AppWorldServer] = []
         self._n_servers = 0  # started or starting, idle or busy
         self._busy = 0  # handed out by acquire (or reserved for it), not yet released
+        self._spares_starting = 0  # started in the background by _start_spare, not ready yet
+        self._awaiting_spare = 0  # acquire calls waiting for one of those instead of starting
         # sealed servers run one episode each, so one more than max_servers may exist: a spare
         # that starts while max_servers episodes run
         self._capacity = self.max_servers + (0 if self.server_urls else 1)
@@ -305,6 +150,11 @@ class AppWorldRuntime:
         ``logs/``); None before the first server and for URLs."""
         return self._workdir["path"]
 
+    def ready_servers(self) -> int:
+        """Servers started, answering and waiting for an episode (the spare, for sealed ones)."""
+        with self._condition:
+            return len(self._idle)
+
     def pids(self) -> list[int]:
         """Process ids of the live servers this runtime started."""
         return [process.pid for process in self._processes if process.poll() is None]
@@ -315,17 +165,31 @@ class AppWorldRuntime:
         deadline = time.monotonic() + timeout_s
         while True:
             with self._condition:
-                while not self._closed and (
-                    self._busy >= self.max_servers
-                    or (not self._idle and self._n_servers >= self._capacity)
-                ):
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise AppWorldRuntimeError(
-                            f"all {self.max_servers} AppWorld servers stayed busy for {timeout_s:.0f}s: "
-                            "close finished environments or raise max_servers"
+                awaiting = False  # counted in _awaiting_spare: this call waits for a spare's start
+                try:
+                    while not self._closed:
+                        full = self._busy >= self.max_servers or (
+                            not self._idle and self._n_servers >= self._capacity
                         )
-                    self._condition.wait(remaining)
+                        # a spare already starting comes sooner than a new start, which would
+                        # also halve its CPU share: wait for it unless others already do
+                        others = self._awaiting_spare - awaiting
+                        spare_coming = not self._idle and self._spares_starting > others
+                        if not (full or spare_coming):
+                            break
+                        if spare_coming and not full and not awaiting:
+                            awaiting = True
+                            self._awaiting_spare += 1
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise AppWorldRuntimeError(
+                                f"all {self.max_servers} AppWorld servers stayed busy for {timeout_s:.0f}s: "
+                                "close finished environments or raise max_servers"
+                            )
+                        self._condition.wait(remaining)
+                finally:
+                    if awaiting:
+                        self._awaiting_spare -= 1
                 if self._closed:
                     raise AppWorldRuntimeError(f"{self} is closed")
                 server = self._idle.pop() if self._idle else None
@@ -342,9 +206,9 @@ class AppWorldRuntime:
                 self._busy -= 1
                 doomed = self._forget(server)
             if doomed is not None:
-                _kill_process_groups([doomed])
+                kill_process_groups([doomed])
         try:
-            server = self._start_server()
+            server = self._start_server(deadline)
         except BaseException:
             with self._condition:
                 self._n_servers -= 1
@@ -358,7 +222,7 @@ class AppWorldRuntime:
             doomed = self._forget(server) if closed else None
         if closed:
             if doomed is not None:
-                _kill_process_groups([doomed])
+                kill_process_groups([doomed])
             raise AppWorldRuntimeError(f"{self} was closed while a server was starting")
         if server.sealed:
             self._refill()
@@ -366,17 +230,18 @@ class AppWorldRuntime:
 
     def release(self, server: AppWorldServer, broken: bool = False) -> None:
         """Give a server back. A sealed server ran its one episode: it is stopped and a fresh
-        one starts in the background; a broken or dead URL is dropped until it answers."""
+        one starts in the background; a URL's lease is released (the next episode of any
+        process may take it), and a broken URL is leased again only once it answers."""
         doomed = None
         with self._condition:
             self._busy -= 1
-            if server.sealed or broken or self._closed or not server.alive():
+            if server.sealed or server.lease is not None or broken or self._closed:
                 doomed = self._forget(server)
             else:
                 self._idle.append(server)
             self._condition.notify()
         if doomed is not None:
-            _kill_process_groups([doomed])
+            kill_process_groups([doomed])
         if server.sealed:
             shutil.rmtree(server.directory, ignore_errors=True)
             self._refill()
@@ -423,25 +288,17 @@ class AppWorldRuntime:
         server.close_client()
         self._n_servers -= 1
         if server.process is None:
+            if server.lease is not None:
+                server.lease.release()
             self._unused_urls.append(server.url)
             return None
         with contextlib.suppress(ValueError):
             self._processes.remove(server.process)
         return server.process
 
-    def _start_server(self) -> AppWorldServer:
+    def _start_server(self, deadline: float | None = None) -> AppWorldServer:
         if self.server_urls:
-            with self._condition:
-                url = self._unused_urls.pop(0)
-            server = AppWorldServer(url)
-            if not server.healthy():
-                with self._condition:
-                    self._unused_urls.append(url)
-                raise AppWorldRuntimeError(
-                    f"the AppWorld server at {url} is unreachable (GET / failed): start it with "
-                    "`appworld serve environment --port PORT --root ROOT` over the same data, or drop server_urls"
-                )
-            return server
+            return self._lease_url(deadline or time.monotonic() + self.acquire_timeout_s)
         workdir = self._ensure_workdir()
         try:
             process, directory, log_path = sealed.start_server(
@@ -454,7 +311,7 @@ class AppWorldRuntime:
             if not closed:
                 self._processes.append(process)
         if closed:  # close() ran while this one started: it is not ours to keep
-            _kill_process_groups([process])
+            kill_process_groups([process])
             raise AppWorldRuntimeError(f"{self} was closed while a server was starting")
         server = AppWorldServer(
             "http://appworld", process=process, log_path=log_path, directory=directory
@@ -463,19 +320,52 @@ class AppWorldRuntime:
             server.wait_ready(self.start_timeout_s)
         except BaseException:
             server.close_client()
-            _kill_process_groups([process])
+            kill_process_groups([process])
             shutil.rmtree(directory, ignore_errors=True)
             with contextlib.suppress(ValueError):
                 self._processes.remove(process)
             raise
         return server
 
+    def _lease_url(self, deadline: float) -> AppWorldServer:
+        """A URL no episode of any process holds (this runtime's free ones, then the lease),
+        waiting until ``deadline`` while other processes hold them all."""
+        started = time.monotonic()
+        while True:
+            with self._condition:
+                candidates = list(self._unused_urls)
+            for url in candidates:
+                lease = leases.try_lease(url, self.lease_dir)
+                if lease is None:
+                    continue
+                with self._condition:
+                    self._unused_urls.remove(url)
+                server = AppWorldServer(url)
+                server.lease = lease
+                if server.healthy():
+                    return server
+                with self._condition:
+                    self._forget(server)
+                    self._n_servers += 1  # _forget counts a pool slot; acquire still holds it
+                raise AppWorldRuntimeError(
+                    f"the AppWorld server at {url} is unreachable (GET / failed): start it with "
+                    "`appworld serve environment --port PORT --root ROOT` over the same data, or drop server_urls"
+                )
+            if time.monotonic() >= deadline:
+                held = [leases.holder(url, self.lease_dir) or url for url in candidates]
+                raise AppWorldRuntimeError(
+                    f"every free AppWorld server of this runtime stayed leased by other processes for "
+                    f"{time.monotonic() - started:.0f}s ({held}; lock files in {self.lease_dir}): "
+                    "give each process its own servers, add servers, or raise acquire_timeout_s"
+                )
+            time.sleep(0.2)  # another process's episode holds each; its release is not signalled
+
     def _ensure_workdir(self) -> Path:
         with self._condition:
             if self._closed:  # a spare starting while the runtime closes must not make another
                 raise AppWorldRuntimeError(f"{self} is closed")
             if self._workdir["path"] is None:
-                path = Path(tempfile.mkdtemp(prefix="eprl-appworld-"))
+                path = owned_tempdir(WORKDIR_PREFIX)  # sweeps those of killed runtimes
                 (path / "logs").mkdir()
                 sealed.prepare_workdir(path, self.root)
                 self._workdir["path"] = path
@@ -490,21 +380,24 @@ class AppWorldRuntime:
             if self._closed or self._n_servers >= self._capacity:
                 return
             self._n_servers += 1
+            self._spares_starting += 1
         try:
             server = self._start_server()
         except Exception as error:  # noqa: BLE001 (the next acquire starts one and reports)
             logger.debug("a spare AppWorld server did not start: %s", error)
             with self._condition:
                 self._n_servers -= 1
-                self._condition.notify()
+                self._spares_starting -= 1
+                self._condition.notify_all()
             return
         with self._condition:
+            self._spares_starting -= 1
             doomed = self._forget(server) if self._closed else None
             if doomed is None:
                 self._idle.append(server)
-            self._condition.notify()
+            self._condition.notify_all()
         if doomed is not None:
-            _kill_process_groups([doomed])
+            kill_process_groups([doomed])
 
     # ------------------------------------------------------------ sharing between environments
 

@@ -9,7 +9,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import tempfile
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from envs.sandbox.launch import (
     find_python,
 )
 from envs.sandbox.processes import descendant_pids, exit_status, kill_pids, kill_tree
+from envs.sandbox.workdirs import owned_tempdir
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class PythonSandbox:
         if self.config.mode == "bwrap":
             return bwrap_command(self.bwrap, self.python, self.config), env, max_processes
         if self._workdir is None:
-            self._workdir = tempfile.mkdtemp(prefix="eprl-sandbox-")
+            self._workdir = str(owned_tempdir("eprl-sandbox-"))
             if os.geteuid() == 0:
                 os.chown(self._workdir, self.host_uid, self.host_uid)
         env["HOME"] = self._workdir
