@@ -7,9 +7,13 @@ subprocess, one worker process per session). Reports steps/s and p50/p99 step la
 remote / in-process ratios, and the resident memory of an idle CodeExec session (its worker plus
 the sandbox it holds): RSS (counts pages shared with the forkserver in every worker), PSS
 (shared pages split among their users) and USS (pages only this session holds: what one more
-session costs).
+session costs). Then the operator's cases: the 32 sessions spread over 2 replicas
+(``RemoteEnv(url=[a, b])``) against the same 32 on one, and the cost of TLS per step: 1 session
+over HTTPS (uvicorn's TLS, a certificate made with the ``openssl`` CLI) against the same over
+plain HTTP, alternated ``--tls-rounds`` times (median and range).
 
     python benchmarks/serving_throughput.py [--steps 200] [--concurrency 1 32] [--idle 8]
+        [--replica-sessions 32] [--tls-rounds 3]
 """
 
 import argparse
@@ -20,9 +24,11 @@ import platform
 import shlex
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,7 +47,9 @@ CELL = "```python\nx = 1\n```"
 MEMORY_TARGET_MB = 64
 
 
-def start_service(max_sessions: int, sandbox: dict) -> tuple[subprocess.Popen, str]:
+def start_service(
+    max_sessions: int, sandbox: dict, tls: dict | None = None
+) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -50,20 +58,42 @@ def start_service(max_sessions: int, sandbox: dict) -> tuple[subprocess.Popen, s
         "max_sessions": max_sessions,
         "access_log": False,
         "log_level": "warning",
+        "drain_grace_s": 0.0,
         "pinned_env_kwargs": {ENV_ID: {"sandbox": sandbox}},
     }
+    if tls:
+        settings.update(tls_certfile=tls["certfile"], tls_keyfile=tls["keyfile"])
     code = "import json, sys\nfrom serving.app import serve\nserve(**json.loads(sys.argv[1]))\n"
     process = subprocess.Popen([sys.executable, "-c", code, json.dumps(settings)], cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    verify = ssl.create_default_context(cafile=tls["certfile"]) if tls else True
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/healthz", timeout=2, verify=verify).status_code == 200:
                 return process, url
         except httpx.HTTPError:
             time.sleep(0.2)
     process.kill()
     raise RuntimeError("the service did not start")
+
+
+def self_signed(folder: Path) -> dict:
+    """A self-signed loopback certificate (it is its own CA) made with the openssl CLI."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return {"certfile": str(cert), "keyfile": str(key)}
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(60)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -158,31 +188,36 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--idle", type=int, default=8, help="idle sessions measured for memory")
     parser.add_argument(
+        "--replica-sessions", type=int, default=32, help="sessions spread over 2 replicas"
+    )
+    parser.add_argument("--tls-rounds", type=int, default=3, help="HTTP/HTTPS alternations")
+    parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results" / "serving_throughput.md")
     )
     args = parser.parse_args()
 
-    most = max(args.concurrency)
-    # every sandbox runs as uid 65534 and RLIMIT_NPROC counts that uid host-wide: give the
-    # concurrent sandboxes (about 3 processes each) a shared budget, locally and remotely
-    sandbox: dict = {}  # default sandboxes (one host uid each)
+    most = max(args.concurrency + [args.replica_sessions])
+    # default sandboxes: each runs under a host uid of its own on a root host
+    sandbox: dict = {}
     kwargs = {"max_turns": args.steps + 10}
     load_before = os.getloadavg()[0]
     service, url = start_service(max(most, args.idle) + 2, sandbox)
     results: dict[int, dict[str, dict]] = {}
+    replicas: dict[str, dict] = {}
+    tls_rounds: list[dict[str, dict]] = []
+
+    def remote(urls: str | list[str], ca_file: str | None = None):
+        return lambda: gymnasium.make(
+            "eprl/Remote-v0", url=urls, env_id=ENV_ID, env_kwargs=kwargs, ca_file=ca_file
+        )
+
     try:
         for sessions in args.concurrency:
             results[sessions] = {
                 "in-process": run(
                     lambda: gymnasium.make(ENV_ID, sandbox=sandbox, **kwargs), sessions, args.steps
                 ),
-                "remote": run(
-                    lambda: gymnasium.make(
-                        "eprl/Remote-v0", url=url, env_id=ENV_ID, env_kwargs=kwargs
-                    ),
-                    sessions,
-                    args.steps,
-                ),
+                "remote": run(remote(url), sessions, args.steps),
             }
             print(sessions, json.dumps(results[sessions]), flush=True)
         memory_single = idle_memory(url, args.idle, {}, warm_cell=False)
@@ -193,9 +228,33 @@ def main() -> None:
             if "forkserver" in " ".join(p.cmdline())
         ]
         forkserver_rss = forkserver[0].memory_info().rss / 2**20 if forkserver else float("nan")
+
+        second, second_url = start_service(args.replica_sessions + 2, sandbox)
+        try:
+            replicas["1 replica"] = run(remote(url), args.replica_sessions, args.steps)
+            replicas["2 replicas"] = run(
+                remote([url, second_url]), args.replica_sessions, args.steps
+            )
+        finally:
+            stop(second)
+        print("replicas", json.dumps(replicas), flush=True)
+
+        with tempfile.TemporaryDirectory() as folder:
+            tls = self_signed(Path(folder))
+            secure, secure_url = start_service(4, sandbox, tls)
+            try:
+                for _ in range(args.tls_rounds):
+                    tls_rounds.append(
+                        {
+                            "http": run(remote(url), 1, args.steps),
+                            "https": run(remote(secure_url, tls["certfile"]), 1, args.steps),
+                        }
+                    )
+            finally:
+                stop(secure)
+        print("tls", json.dumps(tls_rounds), flush=True)
     finally:
-        service.send_signal(signal.SIGTERM)
-        service.wait(60)
+        stop(service)
     load_after = os.getloadavg()[0]
 
     command = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
@@ -251,6 +310,46 @@ def main() -> None:
         f"{memory_repl['rss'][1]:.1f} MiB. Workers fork from a forkserver that has imported"
         f" gymnasium and the env modules (its own RSS: {forkserver_rss:.1f} MiB), so most of a"
         " worker's RSS is shared; USS is what each additional session adds.",
+        "",
+    ]
+    one, two = replicas["1 replica"], replicas["2 replicas"]
+    lines += [
+        "",
+        f"## {args.replica_sessions} sessions on 1 replica vs spread over 2 (same machine)",
+        "",
+        "| replicas | steps/s | p50 / p99 (ms) | throughput ratio vs 1 |",
+        "|---:|---:|---:|---:|",
+        f"| 1 | {one['steps_per_s']:.0f} | {one['p50_ms']:.2f} / {one['p99_ms']:.2f} | 1.00 |",
+        f"| 2 | {two['steps_per_s']:.0f} | {two['p50_ms']:.2f} / {two['p99_ms']:.2f} | "
+        f"{two['steps_per_s'] / one['steps_per_s']:.2f} |",
+        "",
+        "Both replicas share this machine's cores, so the ratio shows the cost of spreading"
+        " (none expected beyond noise), not the gain of a second host.",
+    ]
+
+    def spread(key: str, scheme: str) -> str:
+        values = [round_[scheme][key] for round_ in tls_rounds]
+        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    def extra(key: str) -> str:
+        values = [round_["https"][key] - round_["http"][key] for round_ in tls_rounds]
+        return f"{statistics.median(values):+.2f} ({min(values):+.2f} to {max(values):+.2f})"
+
+    lines += [
+        "",
+        f"## TLS cost per step (1 session, {args.tls_rounds} alternating rounds; median (range))",
+        "",
+        "| | HTTP | HTTPS | HTTPS - HTTP |",
+        "|---|---:|---:|---:|",
+        f"| p50 (ms) | {spread('p50_ms', 'http')} | {spread('p50_ms', 'https')} | "
+        f"{extra('p50_ms')} |",
+        f"| p99 (ms) | {spread('p99_ms', 'http')} | {spread('p99_ms', 'https')} | "
+        f"{extra('p99_ms')} |",
+        f"| steps/s | {spread('steps_per_s', 'http')} | {spread('steps_per_s', 'https')} | "
+        f"{extra('steps_per_s')} |",
+        "",
+        "HTTPS: uvicorn's TLS (TLS 1.3, an ECDSA P-256 certificate), RemoteEnv verifying it by a"
+        " CA file; the connection is kept alive, so the handshake is paid once per session.",
         "",
     ]
     Path(args.out).write_text("\n".join(lines))

@@ -1,7 +1,8 @@
 """The environment service: FastAPI over :class:`serving.pool.SessionPool`.
 
-``create_app(settings)`` builds the ASGI app; ``serve(host, port, token, ...)`` runs it with
-uvicorn (``eprl serve``). The parts live next door: the settings in :mod:`serving.settings`, the
+``create_app(settings)`` builds the ASGI app; ``serve(host, port, token, ..., config=...)`` runs
+it with uvicorn (``eprl serve``; the drain on SIGTERM and token reloads on SIGHUP are
+:mod:`serving.server`, the config file :mod:`serving.config`). The parts live next door: the settings in :mod:`serving.settings`, the
 bodies in :mod:`serving.schemas`, the routes in :mod:`serving.routes`, the error responses in
 :mod:`serving.errors` and the auth, size-limit and metrics middleware in
 :mod:`serving.middleware`.
@@ -14,8 +15,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import ValidationError
 
+from serving.config import ServeConfigError, load_serve_settings
 from serving.errors import SafeJSONResponse, install_error_handlers
 from serving.middleware import (
     BearerAuthMiddleware,
@@ -23,10 +24,12 @@ from serving.middleware import (
     MetricsMiddleware,
     ServiceMetrics,
 )
-from serving.pool import SessionPool
+from serving.pool import Session, SessionPool
 from serving.routes import EnvCaches, build_router
 from serving.schemas import request_models
-from serving.settings import TOKEN_ENV_VAR, ServeSettings, is_loopback, served_env_ids
+from serving.server import DrainingServer, uvicorn_config
+from serving.settings import ServeSettings, is_loopback, served_env_ids
+from serving.tokens import TokenFileError, TokenStore
 
 __all__ = ["ServeSettings", "create_app", "is_loopback", "serve"]
 
@@ -52,20 +55,36 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     if not env_ids:
         raise ValueError("no environments to serve: no eprl/* id is registered")
     metrics: ServiceMetrics
+
+    def session_ended(session: Session, reason: str) -> None:
+        metrics.sessions_ended.labels(reason).inc()
+        if reason in ("lost", "timeout"):
+            metrics.worker_restarts.labels(session.env_id, reason).inc()
+            kind = "session_lost" if reason == "lost" else "call_timeout"
+            metrics.env_errors.labels(session.env_id, kind).inc()
+
     pool = SessionPool(
         max_sessions=settings.max_sessions,
         env_modules=settings.env_modules,
         preload_modules=_entry_point_modules(env_ids),
         call_timeout_s=settings.call_timeout_s,
+        reset_timeout_s=settings.reset_timeout_s,
         create_timeout_s=settings.create_timeout_s,
         idle_timeout_s=settings.idle_timeout_s,
         reap_interval_s=settings.reap_interval_s,
         close_timeout_s=max(settings.shutdown_grace_s, 1.0),
         retry_after_s=settings.retry_after_s,
         start_method=settings.start_method,
-        on_session_end=lambda session, reason: metrics.sessions_ended.labels(reason).inc(),
+        on_session_end=session_ended,
     )
     metrics = ServiceMetrics(pool)
+    tokens = None
+    if settings.authenticated:
+        secret = settings.token.get_secret_value() if settings.token is not None else None
+        try:
+            tokens = TokenStore(secret, settings.tokens_file)
+        except TokenFileError as exc:
+            raise ServeConfigError(f"invalid serve config: tokens_file: {exc}") from None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
@@ -88,14 +107,15 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.env_caches = EnvCaches(env_ids)
+    app.state.tokens = tokens
 
-    install_error_handlers(app, metrics.errors)
+    install_error_handlers(app, metrics.errors, metrics.rejected)
     app.include_router(build_router(request_models(settings, env_ids)))
 
     # middleware: the last added runs first
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    if settings.token is not None:
-        app.add_middleware(BearerAuthMiddleware, token=settings.token.get_secret_value())
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
+    if tokens is not None:
+        app.add_middleware(BearerAuthMiddleware, tokens=tokens, metrics=metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     def openapi() -> dict[str, Any]:
@@ -106,7 +126,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 description=app.description,
                 routes=app.routes,
             )
-            if settings.token is not None:
+            if tokens is not None:
                 schema.setdefault("components", {})["securitySchemes"] = {
                     "bearerAuth": {"type": "http", "scheme": "bearer"}
                 }
@@ -121,51 +141,40 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
 
 def serve(
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    host: str | None = None,
+    port: int | None = None,
     token: str | None = None,
-    max_sessions: int = 64,
+    max_sessions: int | None = None,
     *,
-    log_level: str = "info",
-    access_log: bool = True,
+    config: str | os.PathLike[str] | None = None,
     **settings: Any,
 ) -> None:
-    """Run the service with uvicorn until SIGINT/SIGTERM (``eprl serve``).
+    """Run the service with uvicorn until SIGTERM (drained) or SIGINT (``eprl serve``).
 
-    ``token`` defaults to the ``EPRL_TOKEN`` environment variable (``TOKEN_ENV_VAR``). Raises
-    ``ValueError`` with a clear message (and binds nothing) when the settings are unsafe, e.g. a
-    non-loopback host without a token. Further keyword arguments are :class:`ServeSettings`
-    fields.
+    ``config`` is a YAML file of :class:`ServeSettings` fields; the other arguments (any
+    ServeSettings field; None: not given) override it, and ``token`` falls back to the
+    ``EPRL_TOKEN`` environment variable (``TOKEN_ENV_VAR``), then to the file's. Raises
+    ``ValueError`` (:class:`~serving.config.ServeConfigError`) with a message naming the bad key
+    and binds nothing when the settings are invalid or unsafe, e.g. a non-loopback host without
+    a token.
     """
-    import uvicorn
-
-    if token is None:
-        token = os.environ.get(TOKEN_ENV_VAR) or None
-    try:
-        config = ServeSettings(
-            host=host, port=port, token=token, max_sessions=max_sessions, **settings
-        )
-    except ValidationError as exc:
-        raise ValueError(
-            "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
-        ) from None
-    if config.token is not None and log_level.lower() == "trace":
-        raise ValueError("log level 'trace' prints request headers (the token); use 'debug'")
+    overrides = {"host": host, "port": port, "token": token, "max_sessions": max_sessions}
+    resolved = load_serve_settings(config, {**overrides, **settings})
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
         log.addHandler(handler)
-        level = logging.getLevelName(log_level.upper())
+        level = logging.getLevelName(resolved.log_level.upper())
         log.setLevel(level if isinstance(level, int) else logging.DEBUG)
-    app = create_app(config)
-    auth = "bearer token required" if config.token is not None else "no token (loopback only)"
-    log.info("eprl serve on http://%s:%d (%s)", host, port, auth)
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level=log_level,
-        access_log=access_log,
-        server_header=False,
-        timeout_graceful_shutdown=int(config.shutdown_grace_s) or None,
+    app = create_app(resolved)
+    tokens: TokenStore | None = app.state.tokens
+    auth = (
+        f"bearer token required ({len(tokens.names)} accepted)"
+        if tokens is not None
+        else "no token (loopback only)"
     )
+    log.info("eprl serve on %s://%s:%d (%s)", resolved.scheme, resolved.host, resolved.port, auth)
+    if not resolved.tls and not is_loopback(resolved.host):
+        log.warning("plain HTTP off loopback: tokens travel in the clear (set tls_certfile)")
+    server = DrainingServer(uvicorn_config(app, resolved), app.state.pool, resolved, tokens)
+    server.run()

@@ -11,9 +11,12 @@ first ``reset`` and closed by ``close()``; ``url`` may be a list of replicas, an
 goes to the least-loaded one that answers.
 
 Failures are explicit: a session that the server no longer has (its worker died, the call
-timed out, the server restarted) raises :class:`SessionLostError` naming the session; the next
-``reset`` starts a new session. Only calls that are safe to repeat (create, catalogue,
-describe, health) are retried, with exponential backoff; ``reset``/``step`` never are.
+timed out, the replica died or restarted) raises :class:`SessionLostError` naming the session
+and the replica (``.replica``); the next ``reset`` starts a new session on a live replica, and a
+reset whose session was already gone (its replica drained or died between episodes) does so by
+itself, since no episode is lost. Only calls that are safe to repeat (create, catalogue,
+describe, health) are retried, with exponential backoff; ``step`` never is. ``https://`` URLs
+are verified against ``ca_file`` (or ``$EPRL_CA_FILE``, else the system's CAs).
 """
 
 import contextlib
@@ -21,6 +24,7 @@ import itertools
 import json
 import os
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +35,9 @@ import httpx
 from gymnasium import spaces
 
 from serving.settings import TOKEN_ENV_VAR
+
+# a CA bundle (PEM) to verify the service's TLS certificate by, when ca_file is not given
+CA_FILE_ENV_VAR = "EPRL_CA_FILE"
 
 _RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 _round_robin = itertools.count()  # breaks ties between equally loaded replicas
@@ -48,11 +55,13 @@ class RemoteEnvError(RuntimeError):
         status: int | None = None,
         error: str | None = None,
         session_id: str | None = None,
+        replica: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
         self.session_id = session_id
+        self.replica = replica  # the base URL of the replica that failed, where one did
 
 
 class SessionLostError(RemoteEnvError):
@@ -104,6 +113,8 @@ class RemoteEnv(gymnasium.Env):
         connect_timeout_s: TCP connect timeout.
         max_retries: retries of a safe call (create, describe, health) after the first try.
         backoff_s: first retry delay; doubles each retry (with jitter), capped at 30 s.
+        ca_file: PEM file of the CA that signed the service's TLS certificate (``https://``
+            URLs; default: the EPRL_CA_FILE environment variable, else the system's CAs).
     """
 
     metadata = {"render_modes": []}
@@ -118,6 +129,7 @@ class RemoteEnv(gymnasium.Env):
         connect_timeout_s: float = 10.0,
         max_retries: int = 4,
         backoff_s: float = 0.5,
+        ca_file: str | None = None,
     ) -> None:
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
@@ -129,10 +141,16 @@ class RemoteEnv(gymnasium.Env):
         self.backoff_s = backoff_s
         token = token if token is not None else os.environ.get(TOKEN_ENV_VAR) or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        ca_file = ca_file if ca_file is not None else os.environ.get(CA_FILE_ENV_VAR) or None
+        try:
+            verify = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load the CA file {ca_file!r}: {exc}") from None
         self._http = httpx.Client(
             headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             trust_env=False,
+            verify=verify,
         )
         self._jitter = random.Random()  # not self.np_random: retries must not shift task draws
         self.session_id: str | None = None
@@ -173,9 +191,17 @@ class RemoteEnv(gymnasium.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[str, dict[str, Any]]:
         super().reset(seed=seed)
-        if self.session_id is None:
-            self._create_session()
         body = {"seed": seed, "options": options}
+        if self.session_id is not None:
+            try:
+                result = self._session_call("reset", body)
+                return result["observation"], result["info"]
+            except SessionLostError as exc:
+                if exc.status == 504:  # the reset itself ran out of time: not repeated
+                    raise
+                # the session was gone before this reset could run (its replica drained or
+                # died between episodes): no episode is lost, start it on a new session
+        self._create_session()
         result = self._session_call("reset", body)
         return result["observation"], result["info"]
 
@@ -255,9 +281,10 @@ class RemoteEnv(gymnasium.Env):
             with contextlib.suppress(httpx.HTTPError):
                 self._http.delete(f"{self.session_url}/v1/sessions/{session_id}", timeout=5.0)
             raise SessionLostError(
-                f"session {session_id} on {self.session_url} is lost: {op} failed in transport "
-                f"({type(exc).__name__}: {exc}); call reset() to start a new session",
+                f"session {session_id} on replica {self.session_url} is lost: {op} failed in "
+                f"transport ({type(exc).__name__}: {exc}); call reset() to start a new session",
                 session_id=session_id,
+                replica=self.session_url,
             ) from exc
         if response.status_code == 200:
             return response.json()
@@ -285,7 +312,7 @@ class RemoteEnv(gymnasium.Env):
                 try:
                     response = self._http.request(method, f"{base}{path}", json=json)
                 except httpx.TransportError as exc:
-                    last_error = RemoteEnvError(f"{base}{path} unreachable: {exc}")
+                    last_error = RemoteEnvError(f"{base}{path} unreachable: {exc}", replica=base)
                     continue
                 if response.status_code < 300:
                     return base, response
@@ -321,14 +348,15 @@ class RemoteEnv(gymnasium.Env):
             or error in ("session_not_found", "session_lost", "session_closed")
         ):
             return SessionLostError(
-                f"{detail} ({base}, HTTP {response.status_code} {error}); "
+                f"{detail} (replica {base}, HTTP {response.status_code} {error}); "
                 "call reset() to start a new session",
                 status=response.status_code,
                 error=error,
                 session_id=session_id,
+                replica=base,
             )
         return RemoteEnvError(
-            message, status=response.status_code, error=error, session_id=session_id
+            message, status=response.status_code, error=error, session_id=session_id, replica=base
         )
 
 

@@ -22,6 +22,16 @@ from serving.schemas import ErrorBody, ValidationIssue
 
 log = logging.getLogger("eprl.serving")
 
+# what /metrics calls a request refused before any env work (eprl_requests_rejected_total)
+REJECTION_REASONS = (
+    "unauthorized",
+    "body_too_large",
+    "too_many_sessions",
+    "shutting_down",
+    "session_busy",
+    "worker_start_failed",
+)
+
 
 class ApiError(Exception):
     """An error response: the status, an :class:`ErrorBody` and extra headers (Retry-After)."""
@@ -145,12 +155,15 @@ def _issue_text(issue: dict[str, Any]) -> str:
     return f"{location}: {issue.get('msg', 'invalid')}" if location else issue.get("msg", "")
 
 
-def install_error_handlers(app: FastAPI, errors: Counter) -> None:
-    """Answer every exception of ``app`` with an ErrorBody; count each by its error code."""
+def install_error_handlers(app: FastAPI, errors: Counter, rejected: Counter) -> None:
+    """Answer every exception of ``app`` with an ErrorBody; count each by its error code (and
+    the refusals among them, by reason, in ``rejected``)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> SafeJSONResponse:
         errors.labels(exc.body.error).inc()
+        if exc.body.error in REJECTION_REASONS:
+            rejected.labels(exc.body.error).inc()
         return error_response(exc.status, exc.body, exc.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -5,24 +5,24 @@ handles (a 404, a 405, /docs and /openapi.json) and refuse a request before its 
 :class:`ServiceMetrics` holds the Prometheus metrics of one app.
 """
 
-import hashlib
-import hmac
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import error_response
+from serving.errors import REJECTION_REASONS, error_response
 from serving.pool import SessionPool
 from serving.schemas import ErrorBody
+from serving.tokens import TokenStore
 
 
 class BodyLimitMiddleware:
     """Refuse bodies over ``max_bytes`` with 413 (checked on Content-Length and while reading)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: "ServiceMetrics") -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -37,6 +37,7 @@ class BodyLimitMiddleware:
         )
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                self.metrics.rejected.labels("body_too_large").inc()
                 await too_large(scope, receive, send)
                 return
         body = bytearray()
@@ -46,6 +47,7 @@ class BodyLimitMiddleware:
                 return  # client disconnected before sending its body
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
+                self.metrics.rejected.labels("body_too_large").inc()
                 await too_large(scope, receive, send)
                 return
             if not message.get("more_body", False):
@@ -63,13 +65,17 @@ class BodyLimitMiddleware:
 
 
 class BearerAuthMiddleware:
-    """With a token set, every path except /healthz needs ``Authorization: Bearer <token>``."""
+    """With tokens set, every path except /healthz needs ``Authorization: Bearer <token>``.
+
+    ``tokens`` is read at every request, so a reload (SIGHUP) applies to the next one.
+    """
 
     open_paths = frozenset({"/healthz"})
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, tokens: TokenStore, metrics: "ServiceMetrics") -> None:
         self.app = app
-        self.token_digest = hashlib.sha256(token.encode("ascii")).digest()
+        self.tokens = tokens
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths:
@@ -77,12 +83,14 @@ class BearerAuthMiddleware:
             return
         header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
         scheme, _, credentials = header.partition(b" ")
-        # constant time: comparing digests (equal lengths) with compare_digest reveals neither
-        # how much of the token matched nor its length
-        digest = hashlib.sha256(credentials.strip()).digest()
-        if scheme.lower() == b"bearer" and hmac.compare_digest(digest, self.token_digest):
+        # constant time: TokenStore compares digests (equal lengths) with compare_digest, which
+        # reveals neither how much of a token matched nor its length
+        name = self.tokens.check(credentials.strip())
+        if scheme.lower() == b"bearer" and name is not None:
+            scope.setdefault("state", {})["token_name"] = name
             await self.app(scope, receive, send)
             return
+        self.metrics.rejected.labels("unauthorized").inc()
         response = error_response(
             401,
             ErrorBody(error="unauthorized", detail="missing or wrong bearer token"),
@@ -122,10 +130,47 @@ class ServiceMetrics:
             registry=r,
         )
         self.errors = Counter("eprl_errors", "error responses by error code", ["error"], registry=r)
+        self.env_errors = Counter(
+            "eprl_env_errors",
+            "failed session calls by env and kind (env_error, call_timeout, session_lost, "
+            "env_create_failed)",
+            ["env_id", "kind"],
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "eprl_step_seconds",
+            "latency of a step as the service answers it (queueing in the service included)",
+            ["env_id"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "eprl_worker_restarts",
+            "worker processes lost (died, killed, stopped at a timeout): their session ended and "
+            "its next session starts a fresh worker",
+            ["env_id", "reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "eprl_requests_rejected",
+            "requests refused before any env work, by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REJECTION_REASONS:  # exported at 0 from the start: alerts see a rate
+            self.rejected.labels(reason)
         Gauge("eprl_sessions_active", "live sessions", registry=r).set_function(lambda: pool.active)
         Gauge("eprl_sessions_max", "session bound", registry=r).set_function(
             lambda: pool.max_sessions
         )
+        by_state = Gauge("eprl_sessions", "live sessions by state", ["state"], registry=r)
+        for state in ("starting", "ready", "busy", "closing"):
+            by_state.labels(state).set_function(lambda state=state: pool.count_in_state(state))
+        Gauge(
+            "eprl_draining",
+            "1 while the service drains (SIGTERM) and refuses new sessions",
+            registry=r,
+        ).set_function(lambda: float(pool.draining))
 
 
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})

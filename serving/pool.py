@@ -109,7 +109,7 @@ class SessionPool:
 
     Async API for the HTTP layer; the blocking pipe work runs in threads. ``on_session_end`` is
     called with (session, reason) whenever a session ends; reasons: "client", "idle", "lost",
-    "timeout", "shutdown".
+    "timeout", "drain" (reset while draining), "shutdown".
     """
 
     def __init__(
@@ -119,6 +119,7 @@ class SessionPool:
         env_modules: tuple[str, ...] = ("envs",),
         preload_modules: tuple[str, ...] = (),
         call_timeout_s: float = 120.0,
+        reset_timeout_s: float | None = None,
         create_timeout_s: float = 120.0,
         idle_timeout_s: float = 600.0,
         reap_interval_s: float = 10.0,
@@ -131,6 +132,7 @@ class SessionPool:
         self.env_modules = tuple(env_modules)
         self.preload_modules = tuple(preload_modules)
         self.call_timeout_s = call_timeout_s
+        self.reset_timeout_s = reset_timeout_s
         self.create_timeout_s = create_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.reap_interval_s = reap_interval_s
@@ -139,6 +141,7 @@ class SessionPool:
         self.start_method = start_method
         self.on_session_end = on_session_end
         self.accepting = False
+        self.draining = False
         self._context = multiprocessing.get_context(start_method)
         self._sessions: dict[str, Session] = {}
         # why each recently ended session ended, so a late call gets 410 with the reason, not 404
@@ -166,6 +169,13 @@ class SessionPool:
         # the forkserver's environment is every worker's starting one: no token in it
         with token_hidden():
             forkserver.ensure_running()
+
+    def begin_drain(self) -> None:
+        """Refuse new sessions; live ones finish their episodes (a reset ends the session)."""
+        if not self.draining:
+            self.draining = True
+            self.accepting = False
+            log.info("draining: no new sessions; %d live sessions may finish", self.active)
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         """Refuse new sessions, then close every environment (killing those that hang)."""
@@ -199,6 +209,16 @@ class SessionPool:
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
 
+    def count_in_state(self, state: str) -> int:
+        """Live sessions in ``state``: starting, ready (idle), busy (a call running), closing."""
+        count = 0
+        for session in self._sessions.values():
+            current = session.status
+            if current == "ready" and session.busy:
+                current = "busy"
+            count += current == state
+        return count
+
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
         if session is not None and session.status == "ready":
@@ -214,7 +234,8 @@ class SessionPool:
 
     async def create(self, env_id: str, env_kwargs: dict[str, Any]) -> Session:
         if not self.accepting:
-            raise PoolClosed("the service is shutting down and accepts no new sessions")
+            what = "draining" if self.draining else "shutting down"
+            raise PoolClosed(f"the service is {what} and accepts no new sessions")
         if len(self._sessions) >= self.max_sessions:
             raise PoolFull(self.max_sessions, self.retry_after_s)
         session = Session(uuid.uuid4().hex, env_id, dict(env_kwargs))
@@ -250,8 +271,19 @@ class SessionPool:
         async with session.lock:
             self.get(session_id)  # it may have ended while this request waited for the lock
             assert session.worker is not None
+            if op == "reset" and self.draining:
+                # the episode is over: free the slot so the client starts its next one elsewhere
+                message = (
+                    f"session {session_id} was closed at its reset: the service is draining; "
+                    "start a new session (on another replica)"
+                )
+                await self._end(session, "drain", message)
+                raise SessionGone(session_id, "drain", message)
+            timeout_s = self.call_timeout_s
+            if op == "reset" and self.reset_timeout_s is not None:
+                timeout_s = self.reset_timeout_s
             try:
-                result = await self._in_thread(session.worker.call, op, kwargs, self.call_timeout_s)
+                result = await self._in_thread(session.worker.call, op, kwargs, timeout_s)
             except (WorkerTimeout, WorkerDied) as exc:
                 message = f"session {session_id} ended: {exc}"
                 reason = "timeout" if isinstance(exc, WorkerTimeout) else "lost"

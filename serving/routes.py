@@ -124,17 +124,33 @@ def session_info(session: Session, settings: ServeSettings) -> SessionInfo:
             max_action_chars=settings.max_action_chars,
             max_body_bytes=settings.max_body_bytes,
             call_timeout_s=settings.call_timeout_s,
+            reset_timeout_s=settings.timeout_of("reset"),
             idle_timeout_s=settings.idle_timeout_s,
         ),
     )
 
 
-async def pool_call(call: Awaitable[Any], session_id: str | None = None) -> Any:
-    """Await a pool call; what the pool raises becomes the matching ApiError."""
+# error codes of a call counted here as the env failing (eprl_env_errors_total{kind}); a lost
+# or timed-out worker is counted when its session ends (serving.app), however it was noticed
+_ENV_ERROR_KINDS = frozenset({"env_error"})
+
+
+async def pool_call(
+    call: Awaitable[Any],
+    session_id: str | None = None,
+    *,
+    env_id: str | None = None,
+    metrics: ServiceMetrics | None = None,
+) -> Any:
+    """Await a pool call; what the pool raises becomes the matching ApiError (counted by env
+    and kind in ``metrics`` when it is the env's failure rather than a refusal)."""
     try:
         return await call
     except workers.WorkerError as exc:
-        raise pool_error(exc, session_id) from None
+        error = pool_error(exc, session_id)
+        if metrics is not None and env_id is not None and error.body.error in _ENV_ERROR_KINDS:
+            metrics.env_errors.labels(env_id, error.body.error).inc()
+        raise error from None
 
 
 def live_session(pool: SessionPool, session_id: str) -> Session:
@@ -186,6 +202,7 @@ def build_router(models: RequestModels) -> APIRouter:
         try:
             session = await pool.create(request.env_id, effective_kwargs(request, settings))
         except (workers.EnvCallError, workers.WorkerDied) as exc:
+            metrics.env_errors.labels(request.env_id, "env_create_failed").inc()
             raise env_create_failed(request.env_id, exc) from None
         except workers.WorkerError as exc:
             raise pool_error(exc, None) from None
@@ -232,7 +249,10 @@ def build_router(models: RequestModels) -> APIRouter:
         env_id = live_session(pool, session_id).env_id
         started = time.perf_counter()
         result = await pool_call(
-            pool.call(session_id, "reset", seed=request.seed, options=options), session_id
+            pool.call(session_id, "reset", seed=request.seed, options=options),
+            session_id,
+            env_id=env_id,
+            metrics=metrics,
         )
         metrics.env_call_seconds.labels("reset").observe(time.perf_counter() - started)
         metrics.resets.labels(env_id).inc()
@@ -253,8 +273,15 @@ def build_router(models: RequestModels) -> APIRouter:
     ) -> dict[str, Any]:
         env_id = live_session(pool, session_id).env_id
         started = time.perf_counter()
-        result = await pool_call(pool.call(session_id, "step", action=request.action), session_id)
-        metrics.env_call_seconds.labels("step").observe(time.perf_counter() - started)
+        result = await pool_call(
+            pool.call(session_id, "step", action=request.action),
+            session_id,
+            env_id=env_id,
+            metrics=metrics,
+        )
+        elapsed = time.perf_counter() - started
+        metrics.env_call_seconds.labels("step").observe(elapsed)
+        metrics.step_seconds.labels(env_id).observe(elapsed)
         metrics.steps.labels(env_id).inc()
         return result
 
@@ -335,14 +362,18 @@ def build_router(models: RequestModels) -> APIRouter:
     @router.get(
         "/healthz",
         response_model=Health,
-        responses={503: {"model": Health, "description": "Not ready (starting or shutting down)"}},
+        responses={
+            503: {"model": Health, "description": "Not ready (starting, draining or stopping)"}
+        },
         operation_id="health",
         tags=["service"],
         summary="Liveness and readiness (no token needed)",
     )
     async def healthz(pool: Pool) -> SafeJSONResponse:
         if pool.accepting:
-            status: Literal["ok", "shutting_down", "starting"] = "ok"
+            status: Literal["ok", "draining", "shutting_down", "starting"] = "ok"
+        elif pool.draining:
+            status = "draining"
         else:
             status = "starting" if pool.active == 0 else "shutting_down"
         health = Health(

@@ -197,6 +197,7 @@ class SessionLimits(BaseModel):
     max_action_chars: int
     max_body_bytes: int
     call_timeout_s: float
+    reset_timeout_s: float
     idle_timeout_s: float
 
 
@@ -282,7 +283,7 @@ class EnvDescription(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "shutting_down", "starting"]
+    status: Literal["ok", "draining", "shutting_down", "starting"]
     sessions_active: int
     max_sessions: int
     accepting_sessions: bool

@@ -7,6 +7,7 @@ level, so the client can import it and stay light.
 
 import ipaddress
 import socket
+from pathlib import Path
 from typing import Literal
 
 from pydantic import (
@@ -25,6 +26,18 @@ MIN_TOKEN_CHARS = 16
 # out of reach of whatever decides its reward: the only ones the service offers, since over the
 # network any other one is remote code execution on this host for whoever holds the token.
 SEALED_ENV_IDS = ("eprl/AppWorld-v0", "eprl/CodeExec-v0")
+
+
+def token_problem(value: str) -> str | None:
+    """What is wrong with ``value`` as a bearer token (None: usable). Never quotes the value."""
+    if len(value) < MIN_TOKEN_CHARS or not value.isascii() or not value.isprintable():
+        return (
+            f"must be at least {MIN_TOKEN_CHARS} printable ASCII characters without spaces "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    if " " in value:
+        return "must not contain spaces"
+    return None
 
 
 def is_loopback(host: str) -> bool:
@@ -51,8 +64,13 @@ class ServeSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    # bearer token; required whenever host is not a loopback address
+    # bearer token; a token (or tokens_file) is required whenever host is not a loopback address
     token: SecretStr | None = None
+    # one token per line (``NAME TOKEN`` or ``TOKEN``), re-read on SIGHUP (serving.tokens)
+    tokens_file: Path | None = None
+    # TLS straight from uvicorn: both paths, or neither (plain HTTP)
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
     max_sessions: int = Field(64, ge=1, le=4096)
     # served env ids, a subset of SEALED_ENV_IDS; None = every registered one of them (never
     # eprl/Remote-v0 either: a remote env inside the service would let clients make it connect
@@ -61,9 +79,14 @@ class ServeSettings(BaseModel):
     # modules imported to register env ids (in the server and, preloaded, in every worker)
     env_modules: tuple[str, ...] = ("envs",)
     call_timeout_s: float = Field(120.0, gt=0)
+    # a reset may start a sandbox or an AppWorld server cold; None: call_timeout_s
+    reset_timeout_s: float | None = Field(None, gt=0)
     create_timeout_s: float = Field(120.0, gt=0)
     idle_timeout_s: float = Field(600.0, gt=0)
     reap_interval_s: float = Field(10.0, gt=0)
+    # SIGTERM: live sessions may finish their episodes for this long (new ones are refused,
+    # /healthz answers 503), then shutdown_grace_s more for a call still running
+    drain_grace_s: float = Field(30.0, ge=0)
     shutdown_grace_s: float = Field(10.0, ge=0)
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     max_action_chars: int = Field(262_144, ge=1)
@@ -80,31 +103,61 @@ class ServeSettings(BaseModel):
     )
     retry_after_s: int = Field(2, ge=1)
     start_method: Literal["forkserver", "spawn"] = "forkserver"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    access_log: bool = True
 
     @field_validator("token")
     @classmethod
     def _token_is_usable(cls, token: SecretStr | None) -> SecretStr | None:
         if token is None or not token.get_secret_value():
             return None
-        value = token.get_secret_value()
-        if len(value) < MIN_TOKEN_CHARS or not value.isascii() or not value.isprintable():
-            raise ValueError(
-                f"the token must be at least {MIN_TOKEN_CHARS} printable ASCII characters "
-                "without spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
-            )
-        if " " in value:
-            raise ValueError("the token must not contain spaces")
+        problem = token_problem(token.get_secret_value())
+        if problem:
+            raise ValueError(f"the token {problem}")
         return token
+
+    @field_validator("tokens_file", "tls_certfile", "tls_keyfile")
+    @classmethod
+    def _file_exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"no such file: {str(path)!r}")
+        return path
 
     @model_validator(mode="after")
     def _token_required_off_loopback(self) -> "ServeSettings":
-        if self.token is None and not is_loopback(self.host):
+        if self.token is None and self.tokens_file is None and not is_loopback(self.host):
             raise ValueError(
                 f"refusing to serve on {self.host!r} without a token: binding to a non-loopback "
-                f"address requires a bearer token (--token or the {TOKEN_ENV_VAR} environment "
-                "variable), or bind to 127.0.0.1"
+                f"address requires a bearer token (--token, the {TOKEN_ENV_VAR} environment "
+                "variable or tokens_file), or bind to 127.0.0.1"
+            )
+        if self.authenticated and self.log_level == "trace":
+            raise ValueError("log level 'trace' prints request headers (the token); use 'debug'")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError(
+                "TLS needs both tls_certfile and tls_keyfile (got only "
+                f"{'tls_certfile' if self.tls_keyfile is None else 'tls_keyfile'})"
             )
         return self
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether requests need a bearer token (a token or a tokens file is configured)."""
+        return self.token is not None or self.tokens_file is not None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_certfile is not None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def timeout_of(self, op: str) -> float:
+        """The time limit of one ``op`` call (reset may start sandboxes cold)."""
+        if op == "reset" and self.reset_timeout_s is not None:
+            return self.reset_timeout_s
+        return self.call_timeout_s
 
     def pinned_kwargs(self, env_id: str) -> dict[str, JsonValue]:
         """The kwargs of ``env_id`` that clients may not send (None values: left to the env)."""

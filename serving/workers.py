@@ -18,6 +18,7 @@ Sessions, their bound and their lifetimes are :mod:`serving.pool`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import json
 import logging
@@ -42,6 +43,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Read by serving._preload inside the forkserver: comma-separated modules to import once.
 PRELOAD_ENV_VAR = "EPRL_SERVING_PRELOAD"
 _START_LOCK = threading.Lock()  # multiprocessing's Process.start() is not safe across threads
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)  # resolved at import: a forked child must not dlopen
 
 
 class WorkerError(Exception):
@@ -160,6 +163,20 @@ def _op_step(env: Any, action: str) -> dict[str, Any]:
 _OPS: dict[str, Callable[..., Any]] = {"reset": _op_reset, "step": _op_step}
 
 
+def _die_with_parent() -> None:
+    """SIGKILL this worker when its parent (the forkserver, or the server) goes away.
+
+    A server killed with SIGKILL runs no cleanup; its forkserver then exits, and without this
+    its workers would keep running environment code for nobody. Their sandboxes follow them
+    (bubblewrap's --die-with-parent).
+    """
+    parent = os.getppid()
+    with contextlib.suppress(AttributeError):  # not Linux: no parent-death signal
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _import_modules(modules: tuple[str, ...]) -> None:
     for module in modules:
         importlib.import_module(module)
@@ -173,6 +190,7 @@ def worker_main(
     os.environ.pop(TOKEN_ENV_VAR, None)
     # Ctrl-C reaches the whole process group; the server closes its workers in order itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     env = None
     try:
         try:
@@ -262,6 +280,7 @@ _JOBS: dict[str, Callable[..., Any]] = {"catalogue": _job_catalogue, "describe":
 def job_main(conn: Connection, env_modules: tuple[str, ...], job: str, args_json: str) -> None:
     """Entry point of a one-shot worker (catalogue, describe): run one job, reply, exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     try:
         _import_modules(env_modules)
         reply: list[Any] = ["ok", _JOBS[job](**json.loads(args_json))]
