@@ -6,14 +6,20 @@ the failure of methods.md). Everything else is the same: fp32 weights and transf
 SmolLM2-135M-Instruct, the same fixed batch (default 2 x (32 + 96) tokens: bf16 matmuls are
 slow on this CPU, see the result), 2 threads.
 
-Two measurements, interleaved fp32 / bf16 repetition by repetition (the machine is shared):
+Two measurements, paired fp32 / bf16 in rounds (the machine is shared):
 
 - the full learner step: ``TorchLearner.update`` (forward, loss, backward, clip, AdamW), with
   the one learner switched between the two head dtypes;
 - the loss path alone: ``token_logprobs_and_entropy`` forward + backward on the batch's final
   hidden states and the tied head weight [49152, 576], i.e. the part the switch changes.
 
-    python benchmarks/fp32_path_cost.py [--batch 2] [--prompt 32] [--completion 96] [--repeats 2]
+Each round times one fp32 and one bf16 step back to back (the order alternates between rounds)
+and one of each loss-path run, and takes their ratios: a round's two steps see the same load,
+which moves by 2.5x between rounds here. Rounds repeat until the ratios of the last ``--window``
+rounds agree within ``--spread`` (max - min over median, default 10 %) or ``--budget-s`` runs
+out; the result reports the ratio with its spread either way, and all rounds.
+
+    python benchmarks/fp32_path_cost.py [--batch 2] [--prompt 32] [--completion 96] [--window 3]
 """
 
 from __future__ import annotations
@@ -33,15 +39,20 @@ from _bench_util import fixed_train_batch, machine, now, write_result  # noqa: E
 MODEL = "smollm2-135m-instruct"
 
 
+def spread(ratios: list[float]) -> float:
+    """(max - min) / median: how far apart the rounds' ratios are."""
+    return (max(ratios) - min(ratios)) / statistics.median(ratios)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--completion", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=2, help="timed full steps per head dtype")
-    parser.add_argument(
-        "--head-repeats", type=int, default=1, help="timed loss-path runs per dtype"
-    )
+    parser.add_argument("--window", type=int, default=3, help="rounds whose ratios must agree")
+    parser.add_argument("--spread", type=float, default=0.10, help="agreement wanted")
+    parser.add_argument("--max-rounds", type=int, default=12)
+    parser.add_argument("--budget-s", type=float, default=300.0, help="time for the rounds")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -92,20 +103,36 @@ def main(argv: list[str] | None = None) -> int:
 
     for dtype in dtypes.values():  # warm-up (the kernels of both measurements)
         full_step(dtype)
+        head_only(dtype)
     steps = {name: [] for name in dtypes}
     heads = {name: [] for name in dtypes}
-    for _ in range(args.repeats):
-        for name, dtype in dtypes.items():
+    step_ratios: list[float] = []
+    head_ratios: list[float] = []
+    deadline = time.monotonic() + args.budget_s
+    while len(step_ratios) < args.max_rounds:
+        order = list(dtypes.items())
+        if len(step_ratios) % 2:
+            order.reverse()
+        for name, dtype in order:
             steps[name].append(full_step(dtype))
-    for _ in range(args.head_repeats):
-        for name, dtype in dtypes.items():
+        for name, dtype in order:
             heads[name].append(head_only(dtype))
-
-    step_med = {n: statistics.median(v) for n, v in steps.items()}
-    head_med = {n: statistics.median(v) for n, v in heads.items()}
+        step_ratios.append(steps["fp32"][-1] / steps["bf16"][-1])
+        head_ratios.append(heads["fp32"][-1] / heads["bf16"][-1])
+        window = step_ratios[-args.window :], head_ratios[-args.window :]
+        if len(step_ratios) >= args.window and max(map(spread, window)) < args.spread:
+            break
+        if time.monotonic() > deadline:
+            break
+    rounds = len(step_ratios)
+    last = min(args.window, rounds)
+    step_ratio = statistics.median(step_ratios[-last:])
+    head_ratio = statistics.median(head_ratios[-last:])
+    step_spread, head_spread = spread(step_ratios[-last:]), spread(head_ratios[-last:])
+    converged = rounds >= args.window and max(step_spread, head_spread) < args.spread
+    step_med = {n: statistics.median(v[-last:]) for n, v in steps.items()}
+    head_med = {n: statistics.median(v[-last:]) for n, v in heads.items()}
     tokens = args.batch * width
-    step_ratio = step_med["fp32"] / step_med["bf16"]
-    head_ratio = head_med["fp32"] / head_med["bf16"]
     if step_ratio <= 1.0:
         verdict = (
             f"**On this CPU the FP32 path is the cheaper one: a learner step with the FP32 head takes "
@@ -122,20 +149,31 @@ def main(argv: list[str] | None = None) -> int:
             f"time of one with a bf16 head** (+{(step_ratio - 1) * 100:.0f}%; the loss path alone: "
             f"{head_ratio:.2f}x)."
         )
+    agreement = (
+        f"the last {last} rounds' ratios agree within {max(step_spread, head_spread) * 100:.0f}% "
+        f"(< {args.spread * 100:.0f}%: converged after {rounds} rounds)"
+        if converged
+        else f"**not converged**: after {rounds} rounds (budget {args.budget_s:.0f} s) the last "
+        f"{last} rounds' ratios still spread by {step_spread * 100:.0f}% (step) and "
+        f"{head_spread * 100:.0f}% (loss path); read the ratios with that spread"
+    )
     body = f"""
 Batch: {args.batch} sequences x {width + 1} tokens ({args.prompt} prompt + {args.completion} completion),
 SmolLM2-135M-Instruct (fp32 weights and body; only the head's dtype changes), {args.threads} threads,
-chunk {cfg.precision.chunk_size} tokens. One warm-up step each, then fp32 and bf16 interleaved; medians.
+chunk {cfg.precision.chunk_size} tokens. One warm-up run each, then rounds of paired fp32 / bf16
+runs; ratios are per round (same load), reported as the median of the last {last} rounds:
+{agreement}. Spread = (max - min) / median of those rounds' ratios.
 
 | measurement | fp32 head | bf16 head | ratio fp32 / bf16 |
 |---|---:|---:|---:|
-| full learner step (s) | {step_med["fp32"]:.2f} | {step_med["bf16"]:.2f} | {step_ratio:.2f} |
+| full learner step (s) | {step_med["fp32"]:.2f} | {step_med["bf16"]:.2f} | {step_ratio:.2f} (spread {step_spread * 100:.0f}%) |
 | full learner step (tokens/s) | {tokens / step_med["fp32"]:.0f} | {tokens / step_med["bf16"]:.0f} | {1 / step_ratio:.2f} |
-| loss path alone, fwd + bwd (s) | {head_med["fp32"]:.3f} | {head_med["bf16"]:.3f} | {head_ratio:.2f} |
+| loss path alone, fwd + bwd (s) | {head_med["fp32"]:.3f} | {head_med["bf16"]:.3f} | {head_ratio:.2f} (spread {head_spread * 100:.0f}%) |
 
 {verdict}
-Raw step times: fp32 {", ".join(f"{t:.2f}" for t in steps["fp32"])} s; bf16
-{", ".join(f"{t:.2f}" for t in steps["bf16"])} s.
+All rounds: step times fp32 {", ".join(f"{t:.2f}" for t in steps["fp32"])} s; bf16
+{", ".join(f"{t:.2f}" for t in steps["bf16"])} s; step ratios
+{", ".join(f"{r:.2f}" for r in step_ratios)}; loss-path ratios {", ".join(f"{r:.2f}" for r in head_ratios)}.
 
 The full step adds the transformer body's forward and backward and the AdamW update, which do
 not change with the switch; the loss-path row isolates the part that does. These numbers hold
@@ -150,10 +188,13 @@ rerun the script there. The machine is shared: absolute numbers move with its lo
         machine_line,
     )
     print(
-        f"full step: fp32 {step_med['fp32']:.2f} s, bf16 {step_med['bf16']:.2f} s, ratio {step_ratio:.2f}"
+        f"full step: fp32 {step_med['fp32']:.2f} s, bf16 {step_med['bf16']:.2f} s, "
+        f"ratio {step_ratio:.2f} (spread {step_spread * 100:.0f}%)"
     )
     print(
-        f"loss path: fp32 {head_med['fp32']:.3f} s, bf16 {head_med['bf16']:.3f} s, ratio {head_ratio:.2f}"
+        f"loss path: fp32 {head_med['fp32']:.3f} s, bf16 {head_med['bf16']:.3f} s, "
+        f"ratio {head_ratio:.2f} (spread {head_spread * 100:.0f}%); {rounds} rounds, "
+        f"{'converged' if converged else 'NOT converged'}"
     )
     print(f"wrote {path}")
     return 0

@@ -5,7 +5,18 @@ the loss (averaged over ranks), a hash of the updated weights, and precision che
 import json
 import sys
 
+import gymnasium
 import torch
+
+# the test env of tests/test_trainer_loop.py that a tiny model learns, for `eprl train` runs
+# under torchrun: `env.id=ds_worker:eprl-test/DsDigit-v0` imports this module in every rank
+DIGIT_ENV = "ds_worker:eprl-test/DsDigit-v0"
+if "eprl-test/DsDigit-v0" not in gymnasium.registry:
+    gymnasium.register(
+        "eprl-test/DsDigit-v0",
+        entry_point="test_trainer_loop:DigitRewardEnv",
+        disable_env_checker=True,
+    )
 
 
 def fixed_batch(vocab: int, rows: int = 4, width: int = 12, uneven: bool = False):
@@ -107,5 +118,100 @@ def main(
         )
 
 
+# (rows of rank 0, rows of rank 1) of the 4-row uneven batch (answers of 8, 6, 4, 2 tokens), one
+# SGD step each, in order: the global batch is the same 4 rows every time
+SCENARIOS = {
+    "even": ([0, 2], [1, 3]),
+    "uneven": ([0, 1, 2], [3]),
+    "empty_rank": ([0, 1, 2, 3], []),
+}
+GRAD_OVERRIDES = ["trainer.optimizer=sgd", "trainer.lr=0.1", "trainer.micro_batch_size=1"]
+
+
+def grads_main(model_dir: str, out_path: str, zero_stage: str, options: str = "") -> None:
+    """The DeepSpeed learner's full gradients (``safe_get_full_grad``, reduced over ranks,
+    before the step) and losses for each of :data:`SCENARIOS`, the weights after them, and the
+    streamed export; ``options`` (comma-separated): ``init`` builds the model partitioned under
+    zero.Init (transformers' ZeRO-3 integration), ``offload`` offloads the optimizer,
+    ``bf16`` runs bf16 weights; rank 0 writes everything with torch.save."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from agent.models import load_model
+    from trainer.config import load_config
+    from trainer.deepspeed_learner import (
+        DeepSpeedLearner,
+        empty_batch,
+        init_distributed,
+        zero3_construction,
+    )
+    from trainer.distributed import gather_objects
+
+    flags = set(filter(None, options.split(",")))
+    cfg = load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            "trainer.learner=deepspeed",
+            "trainer.device=cpu",
+            f"trainer.deepspeed.zero_stage={zero_stage}",
+            f"trainer.deepspeed.offload_optimizer={'offload' in flags}",
+            "trainer.deepspeed.export_bucket_numel=20000",  # many buckets on the tiny model
+            f"model.dtype={'bfloat16' if 'bf16' in flags else 'float32'}",
+            "policy.backend=vllm",  # (not started here) ZeRO-3 on 2 ranks refuses the hf policy
+            *GRAD_OVERRIDES,
+        ],
+    )
+    init_distributed(torch.device("cpu"), cfg.trainer.deepspeed.timeout_s)
+    keep_alive = zero3_construction(cfg) if "init" in flags else None
+    lm = load_model(model_dir)
+    built = {
+        "partitioned": [
+            int(p.ds_tensor.numel()) for p in lm.parameters() if hasattr(p, "ds_tensor")
+        ],
+        "full": [int(getattr(p, "ds_numel", p.numel())) for p in lm.parameters()],
+        "dtype": str(next(lm.parameters()).dtype),
+    }
+    learner = DeepSpeedLearner(lm, cfg, torch.device("cpu"), total_updates=len(SCENARIOS))
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    batch = fixed_batch(learner.lm.config.vocab_size, uneven=True)
+    result: dict = {"world": world, "built": built, "scenarios": {}}
+    for name, shards in SCENARIOS.items():
+        rows = shards[rank]
+        shard = batch.rows(rows) if rows else empty_batch(batch.input_ids.shape[1])
+        shard.old_logprobs, _ = learner.logprobs(shard)
+        assert shard.old_logprobs.shape == shard.input_ids.shape
+        out = learner.accumulate(shard, zeta=0.0, eps_high=0.28)
+        grads = {
+            key: safe_get_full_grad(param).detach().float().clone()
+            for key, param in learner.lm.named_parameters()
+        }
+        out = learner.finish(out)
+        every_rank = gather_objects(sorted(out))
+        result["scenarios"][name] = {
+            "same_keys_on_every_rank": all(keys == every_rank[0] for keys in every_rank),
+            "loss": out["loss/total"],
+            "grad_norm": out["grad/norm"],
+            "nonfinite": out["nonfinite"],
+            "keys": sorted(out),
+            "grads": grads,
+        }
+    optimizer = learner.engine.optimizer
+    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None) or getattr(
+        optimizer, "single_partition_of_fp32_groups", None
+    )
+    result["master_dtype"] = str(masters[0].dtype) if masters else None
+    result["param_dtype"] = str(next(learner.engine.module.parameters()).dtype)
+    weights = {}
+    for key, tensor in learner.named_weights():
+        weights[key] = tensor.clone()
+    result["weights"] = weights
+    if rank == 0:
+        torch.save(result, out_path)
+    del keep_alive
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1] == "grads":
+        grads_main(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])

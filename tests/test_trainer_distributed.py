@@ -44,6 +44,45 @@ def test_collectives_run_on_the_groups_device_and_reduce(process_group):
         all_reduce(torch.ones(1), "mean")
 
 
+def _weighted_reduce_rank(rank, store, out):
+    """One of 2 gloo ranks: rank 0 learned on 3 tokens, rank 1 on none (NaN means, -inf
+    maxima), then both on some tokens."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2
+    )
+    try:
+        first = [
+            ({"entropy/mean": 1.0, "ratio/max": 2.0}, 3.0),
+            ({"entropy/mean": float("nan"), "ratio/max": float("-inf")}, 0.0),
+        ][rank]
+        second = [
+            ({"entropy/mean": 1.0, "ratio/max": 2.0}, 3.0),
+            ({"entropy/mean": 3.0, "ratio/max": 5.0}, 1.0),
+        ][rank]
+        results = [
+            reduce_metrics(first[0], weight=first[1]),
+            reduce_metrics(second[0], weight=second[1]),
+            reduce_metrics({"reward/mean": float(rank)}),
+            # a rank without episodes lacks the key: the others' value, and no collective hangs
+            reduce_metrics({"episodes/kept": 4.0} if rank == 0 else {}),
+        ]
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_weighted_metrics_cover_every_ranks_tokens_and_leave_out_a_rank_without_any(tmp_path):
+    torch.multiprocessing.spawn(
+        _weighted_reduce_rank, args=(tmp_path / "store", tmp_path / "out.pt"), nprocs=2
+    )
+    no_tokens, both, plain, missing = torch.load(tmp_path / "out.pt")
+    assert no_tokens == {"entropy/mean": 1.0, "ratio/max": 2.0}  # rank 1's NaN and -inf ignored
+    assert both == {"entropy/mean": (1.0 * 3 + 3.0 * 1) / 4, "ratio/max": 5.0}  # token-weighted
+    assert plain == {"reward/mean": 0.5}  # unweighted: the mean of the ranks
+    assert missing == {"episodes/kept": 4.0}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("process_group", ["nccl"], indirect=True)
 def test_nccl_collectives_take_gpu_tensors(process_group):
@@ -69,6 +108,7 @@ def test_eprl_train_on_two_deepspeed_ranks_writes_one_run(tiny_model_dir, tmp_pa
     metrics are averaged, rank 0 alone writes metrics, checkpoints and the report."""
     overrides = {
         "model.name": tiny_model_dir,
+        "policy.backend": "hf",  # the learner's own module on each rank
         "steps": 2,
         "rollout.tasks_per_step": 2,
         "rollout.group_size": 2,

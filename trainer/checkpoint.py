@@ -14,11 +14,12 @@ import numpy as np
 import torch
 
 from agent.io import replace_dir
-from trainer.distributed import barrier
+from trainer.distributed import barrier, dist_info
 from trainer.learner import hf_model
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
+RANK_RNG = "rng_rank{rank}.pt"
 
 
 def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
@@ -72,7 +73,10 @@ def save_checkpoint(
     tmp = folder / f".tmp_step_{step}"
     # every rank gathers (ZeRO-3); with LoRA the weights are merged under the base names, and
     # the base model's class writes them, so transformers and vLLM load the folder as it is
-    weights = dict(learner.named_weights())
+    weights = {}
+    for name, tensor in learner.named_weights():
+        if is_main:  # the other ranks only take part in the gathers
+            weights[name] = tensor
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -80,6 +84,10 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / TRAINER_STATE)
     barrier()
+    # each rank's own RNG streams (its rollouts sample with them), so a resume on N ranks
+    # continues every rank where it stopped, not all from rank 0's state
+    rank, _ = dist_info()
+    torch.save(rng_state(), tmp / RANK_RNG.format(rank=rank))
     if save_optimizer:
         learner.save_state(tmp)
     barrier()
@@ -92,7 +100,13 @@ def save_checkpoint(
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / TRAINER_STATE, weights_only=False)
+    """The trainer state, with this rank's own RNG state where the checkpoint has one."""
+    state = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
+    rank, _ = dist_info()
+    own = checkpoint / RANK_RNG.format(rank=rank)
+    if own.is_file():
+        state["rng"] = torch.load(own, weights_only=False)
+    return state
 
 
 def has_learner_state(checkpoint: Path) -> bool:

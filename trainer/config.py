@@ -173,6 +173,9 @@ class DeepSpeedConfig(_Section):
     # how long a collective waits for the other ranks before the group fails (an evaluation or a
     # slow rollout on one rank must end within it)
     timeout_s: float = Field(1800.0, gt=0)
+    # the weight export gathers ZeRO-3 parameters a bucket of whole modules at a time (a module
+    # larger than this is its own bucket): the export's peak extra memory is about one bucket
+    export_bucket_numel: int = Field(2**27, ge=1)
 
 
 class LoraConfig(_Section):
@@ -190,6 +193,8 @@ class TrainerConfig(_Section):
 
     learner: Literal["torch", "deepspeed"] = "torch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # sgd: plain gradient descent, for checks that compare two learners step by step
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(3e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -207,8 +212,24 @@ class TrainerConfig(_Section):
     # recompute each layer's activations in the backward instead of keeping them: less memory
     # for long AppWorld episodes at 7B-32B, about a third more compute
     gradient_checkpointing: bool = False
+    # the forward's layout (trainer/packing.py, docs/training.md): each group's shared prompt
+    # computed once for its K episodes, and rows of different lengths packed without padding;
+    # auto: where exact (an attention implementation that takes an explicit mask: sdpa, eager)
+    # and estimated faster; on: always, or a clear error; off: the plain padded forward
+    shared_prefix: Literal["auto", "on", "off"] = "auto"
+    packing: Literal["auto", "on", "off"] = "auto"
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_off_words(cls, data: Any) -> Any:
+        """YAML reads a bare ``on``/``off`` as true/false: take them back as the words."""
+        if isinstance(data, dict):
+            for key in ("shared_prefix", "packing"):
+                if isinstance(data.get(key), bool):
+                    data = {**data, key: "on" if data[key] else "off"}
+        return data
 
 
 class PrecisionConfig(_Section):
@@ -265,10 +286,11 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _held_out(self) -> RunConfig:
-        if self.policy.backend == "openai":
+        if self.policy.backend == "openai" and not self.policy.server.urls:
             raise ValueError(
-                "policy.backend='openai' cannot be trained: a served checkpoint's weights do not "
-                "follow the learner's; use hf or vllm (openai is for `eprl eval`)"
+                "policy.backend='openai' cannot be trained without policy.server.urls: a served "
+                "checkpoint's weights follow the learner's only in server mode (vLLM servers in "
+                "dev mode, docs/sampling.md); else use hf or vllm (openai is for `eprl eval`)"
             )
         if self.env.train_split == self.eval.split:
             raise ValueError(

@@ -3,6 +3,7 @@ and the few collectives every rank must call together (a flag or-ed, metrics ave
 
 from __future__ import annotations
 
+import math
 import os
 import random
 
@@ -75,19 +76,37 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce(torch.tensor([float(flag)]), "max").item())
 
 
-def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Average metrics over data-parallel ranks (maxima for ``*/max``)."""
+def reduce_metrics(metrics: dict[str, float], weight: float | None = None) -> dict[str, float]:
+    """Average metrics over data-parallel ranks (maxima for ``*/max``), on every rank.
+
+    With ``weight`` (this rank's token count, say) the mean is weighted, so per-token means
+    cover every rank's tokens. A rank leaves a key out of the mean and the maximum where it
+    has weight 0, where its value is NaN (nothing measured) or where it lacks the key (a rank
+    without episodes reports fewer): the keys are the union over ranks, so ranks need not
+    agree on them, and a key no rank measured is NaN."""
     if not is_distributed():
         return metrics
     world = torch.distributed.get_world_size()
     if world == 1:
         return metrics
-    keys = sorted(metrics)
-    local = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    values, maxima = all_reduce(local, "sum"), all_reduce(local, "max")
-    return {
-        k: float(maxima[i] if k.endswith("/max") else values[i] / world) for i, k in enumerate(keys)
-    }
+    keys = sorted(set().union(*gather_objects(sorted(metrics))))
+    if not keys:
+        return {}
+    local = torch.tensor([metrics.get(k, math.nan) for k in keys], dtype=torch.float64)
+    w = 1.0 if weight is None else float(weight)
+    counted = ~torch.isnan(local) & (w > 0)
+    numerator = torch.where(counted, local * w, torch.zeros_like(local))
+    denominator = torch.where(counted, torch.full_like(local, w), torch.zeros_like(local))
+    sums = all_reduce(torch.cat([numerator, denominator]), "sum")
+    maxima = all_reduce(torch.where(counted, local, torch.full_like(local, -math.inf)), "max")
+    out = {}
+    for i, k in enumerate(keys):
+        if k.endswith("/max"):
+            out[k] = float(maxima[i]) if maxima[i] > -math.inf else math.nan
+        else:
+            total = float(sums[len(keys) + i])
+            out[k] = float(sums[i]) / total if total > 0 else math.nan
+    return out
 
 
 def seed_everything(seed: int) -> None:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from trainer.config import LoraConfig, RunConfig
 from trainer.objectives import LossInputs, policy_loss
+from trainer.packing import check_mode, plan_layout
 from trainer.precision import loss_compute_dtype, token_logprobs_and_entropy
 
 
@@ -91,34 +92,91 @@ class LogprobModel(nn.Module):
         chunk_size: int = 1024,
         autocast_dtype: torch.dtype | None = None,
         temperature: float = 1.0,
+        shared_prefix: str = "auto",
+        packing: str = "auto",
     ) -> None:
         super().__init__()
+        check_mode("trainer.shared_prefix", shared_prefix)
+        check_mode("trainer.packing", packing)
         self.lm = lm
         self.compute_dtype = compute_dtype
         self.chunk_size = chunk_size
         self.autocast_dtype = autocast_dtype
         self.temperature = temperature if temperature > 0 else 1.0
+        self.shared_prefix = shared_prefix
+        self.packing = packing
+        # what the last forward did: layout (padded/packed), positions computed, shared ones
+        self.last_layout: dict[str, int | str] = {}
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        target_ids: Tensor,
+        loss_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
+        """(log-probs, entropies) [B, T] of ``target_ids``.
+
+        The head runs only where the values are used: on ``loss_mask``'s tokens when it is given
+        (the loss reads nothing else), else on every attended position; the rest is 0. The body
+        runs on the padded batch or, where ``trainer.shared_prefix`` / ``trainer.packing`` apply,
+        on a :class:`trainer.packing.PackedLayout` of it (each prompt once, no padding): the
+        hidden state of every used position is the padded forward's either way."""
         causal_lm = hf_model(self.lm)
         body = causal_lm.base_model  # the transformer without its head (LlamaModel, ...)
         head = causal_lm.get_output_embeddings()
+        attention = getattr(causal_lm.config, "_attn_implementation", None) or "eager"
+        layout = plan_layout(
+            input_ids,
+            attention_mask,
+            shared_prefix=self.shared_prefix,
+            packing=self.packing,
+            attention=attention,
+            hidden_size=int(getattr(causal_lm.config, "hidden_size", 1024)),
+        )
+        if layout is None:
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            source = torch.arange(input_ids.numel(), device=input_ids.device).view_as(input_ids)
+            self.last_layout = {"layout": "padded", "positions": input_ids.numel(), "shared": 0}
+        else:
+            inputs = {
+                "input_ids": layout.input_ids,
+                "attention_mask": layout.attention_mask(attention),
+                "position_ids": layout.position_ids,
+            }
+            source = layout.source
+            self.last_layout = {
+                "layout": "packed",
+                "positions": layout.packed_positions,
+                "shared": layout.shared_tokens,
+            }
         if self.autocast_dtype is not None:
             with torch.autocast(device_type=input_ids.device.type, dtype=self.autocast_dtype):
-                hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                hidden = body(**inputs).last_hidden_state
         else:
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return token_logprobs_and_entropy(
-            hidden,
+            hidden = body(**inputs).last_hidden_state
+        used = attention_mask.bool()
+        if loss_mask is not None:
+            used = used & (loss_mask > 0)
+        # the gather's backward adds up the gradients of positions used by several rows (a
+        # shared prompt's last token predicts each row's first answer token)
+        picked = hidden.reshape(-1, hidden.shape[-1])[source[used]]
+        logprobs, entropy = token_logprobs_and_entropy(
+            picked,
             head.weight,
-            target_ids,
+            target_ids[used],
             getattr(head, "bias", None),
             chunk_size=self.chunk_size,
             compute_dtype=self.compute_dtype,
             temperature=self.temperature,
         )
+        zeros = torch.zeros(input_ids.shape, dtype=logprobs.dtype, device=logprobs.device)
+        return zeros.masked_scatter(used, logprobs), zeros.masked_scatter(used, entropy)
+
+
+def layout_options(cfg: RunConfig) -> dict[str, str]:
+    """The forward-layout switches of ``trainer`` as :class:`LogprobModel` keyword arguments."""
+    return {"shared_prefix": cfg.trainer.shared_prefix, "packing": cfg.trainer.packing}
 
 
 def micro_batches(batch: TrainBatch, size: int) -> Iterator[TrainBatch]:
@@ -176,17 +234,13 @@ class TorchLearner:
             cfg.precision.chunk_size,
             autocast,
             cfg.policy.temperature,
+            **layout_options(cfg),
         )
         self.reference = self._reference(reference, torch.float32, autocast)
         # what computes (logprobs, entropy): the module here, the DeepSpeed engine in the subclass
         self.forward: nn.Module = self.module
         params = [p for p in self.lm.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params,
-            lr=cfg.trainer.lr,
-            betas=tuple(cfg.trainer.betas),
-            weight_decay=cfg.trainer.weight_decay,
-        )
+        self.optimizer = make_optimizer(params, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda=lr_lambda(cfg, total_updates)
         )
@@ -209,21 +263,28 @@ class TorchLearner:
             self.cfg.precision.chunk_size,
             autocast,
             self.cfg.policy.temperature,
+            **layout_options(self.cfg),
         )
 
     def logprobs(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
-        """Log-probs and entropies of the whole batch without gradients (old log-probs)."""
+        """Log-probs and entropies of the batch's loss-mask tokens without gradients (old
+        log-probs); 0 at the other positions, which no loss reads."""
         self.forward.eval()
         outs = []
         with torch.no_grad():
             for micro in micro_batches(batch, self.cfg.trainer.micro_batch_size):
                 micro = micro.to(self.device)
-                outs.append(self.forward(micro.input_ids, micro.attention_mask, micro.target_ids))
+                outs.append(
+                    self.forward(
+                        micro.input_ids, micro.attention_mask, micro.target_ids, micro.loss_mask
+                    )
+                )
         logprobs = torch.cat([o[0] for o in outs]).float().cpu()
         return logprobs, torch.cat([o[1] for o in outs]).float().cpu()
 
-    def update(self, batch: TrainBatch, zeta: float, eps_high: float) -> dict[str, float]:
-        """One optimizer step over a mini-batch (accumulated over micro-batches)."""
+    def accumulate(self, batch: TrainBatch, zeta: float, eps_high: float) -> dict[str, float]:
+        """The mini-batch's gradient, accumulated over micro-batches into ``.grad`` (not yet
+        clipped, no step): the gradient the DeepSpeed learner's tests compare against."""
         self.forward.train()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = MetricAccumulator()
@@ -234,16 +295,19 @@ class TorchLearner:
             (loss * weight).backward()
             total_loss += float(loss.detach()) * weight
             metrics.add(m, float(micro.loss_mask.sum()))
+        return {**metrics.result(), "loss/total": total_loss}
+
+    def update(self, batch: TrainBatch, zeta: float, eps_high: float) -> dict[str, float]:
+        """One optimizer step over a mini-batch (accumulated over micro-batches)."""
+        return self.finish(self.accumulate(batch, zeta, eps_high))
+
+    def finish(self, out: dict[str, float]) -> dict[str, float]:
+        """Clip the accumulated gradients and step, unless the loss or the gradient norm is not
+        finite (then the step is skipped and ``nonfinite`` is 1)."""
+        total_loss = out["loss/total"]
         params = [p for p in self.lm.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.grad_clip))
-        out = metrics.result()
-        out.update(
-            {
-                "loss/total": total_loss,
-                "grad/norm": grad_norm,
-                "optim/lr": self.scheduler.get_last_lr()[0],
-            }
-        )
+        out.update({"grad/norm": grad_norm, "optim/lr": self.scheduler.get_last_lr()[0]})
         if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             out["nonfinite"] = 1.0
@@ -254,7 +318,9 @@ class TorchLearner:
         return out
 
     def _micro_loss(self, micro: TrainBatch, zeta: float, eps_high: float):
-        logprobs, entropy = self.forward(micro.input_ids, micro.attention_mask, micro.target_ids)
+        logprobs, entropy = self.forward(
+            micro.input_ids, micro.attention_mask, micro.target_ids, micro.loss_mask
+        )
         old = micro.old_logprobs
         if old is None:
             # no precomputed old log-probs: with objective.old_logprobs=learner that means a single
@@ -278,13 +344,17 @@ class TorchLearner:
         if self.reference is None:
             return None
         with torch.no_grad():
-            logprobs, _ = self.reference(micro.input_ids, micro.attention_mask, micro.target_ids)
+            logprobs, _ = self.reference(
+                micro.input_ids, micro.attention_mask, micro.target_ids, micro.loss_mask
+            )
         return logprobs.float()
 
-    def named_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """Full weights with HF names, for pushing to the policy and saving (with LoRA, the
-        merged base weights under the base model's names)."""
-        yield from export_state(self.lm, self.lm.state_dict()).items()
+    def named_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+        """Full weights with HF names, one tensor at a time, for pushing to the policy and
+        saving (with LoRA, the merged base weights under the base model's names); cast to
+        ``dtype`` (the sampler's) when given, else as held (float32 master weights)."""
+        for name, tensor in export_state(self.lm, self.lm.state_dict()).items():
+            yield name, (tensor if dtype is None else tensor.to(dtype))
 
     def save_state(self, folder: Path) -> None:
         """Optimizer and scheduler state, into a checkpoint folder being written."""
@@ -295,6 +365,19 @@ class TorchLearner:
         state = torch.load(folder / "learner.pt", map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
+    """``trainer.optimizer``: AdamW (training), or plain SGD (``w -= lr * g``, which keeps two
+    learners' trajectories as close as their gradients: the exactness checks use it)."""
+    if cfg.trainer.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.trainer.lr,
+        betas=tuple(cfg.trainer.betas),
+        weight_decay=cfg.trainer.weight_decay,
+    )
 
 
 def lr_lambda(cfg: RunConfig, total_updates: int):
@@ -342,7 +425,20 @@ def hf_model(lm: nn.Module) -> nn.Module:
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
-def export_state(lm: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+def lora_scalings(lm: nn.Module) -> dict[str, dict[str, float]]:
+    """Each LoRA layer's ``{adapter: alpha / r}`` by module name (empty without LoRA)."""
+    if not hasattr(lm, "get_base_model"):
+        return {}
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name: module.scaling for name, module in lm.named_modules() if isinstance(module, LoraLayer)
+    }
+
+
+def export_state(
+    lm: nn.Module, state: dict[str, Tensor], scalings: dict | None = None
+) -> dict[str, Tensor]:
     """``state`` (``lm.state_dict()``, gathered) under the names transformers and vLLM load.
 
     Without LoRA it is returned as is. With LoRA every adapted layer's weight is merged,
@@ -351,11 +447,8 @@ def export_state(lm: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
     sees a plain model of the base architecture. One layer at a time: no copy of the model."""
     if not hasattr(lm, "get_base_model"):
         return state
-    from peft.tuners.lora import LoraLayer
-
-    scalings = {
-        name: module.scaling for name, module in lm.named_modules() if isinstance(module, LoraLayer)
-    }
+    # a part of the state (one streamed bucket) passes the scalings computed once for the model
+    scalings = lora_scalings(lm) if scalings is None else scalings
     merged: dict[str, Tensor] = {}
     for key, tensor in state.items():
         if ".lora_" in key:

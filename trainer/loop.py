@@ -15,6 +15,7 @@ plots. ``--resume RUN_DIR`` continues from the last complete checkpoint and the 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -23,9 +24,11 @@ from pathlib import Path
 
 import torch
 
+from agent.io import atomic_write_text
 from agent.progress import ProgressBar
 from trainer import checkpoint as ckpt
 from trainer.config import RunConfig, load_config, save_config
+from trainer.deepspeed_learner import empty_batch
 from trainer.distributed import (
     any_rank,
     dist_info,
@@ -59,10 +62,13 @@ class Trainer:
 
         cfg = self.cfg
         self.device = pick_device(cfg.trainer.device)
+        self._zero3 = None
         if cfg.trainer.learner == "deepspeed":
-            from trainer.deepspeed_learner import init_distributed
+            from trainer.deepspeed_learner import init_distributed, zero3_construction
 
             init_distributed(self.device, cfg.trainer.deepspeed.timeout_s)
+            # ZeRO-3: the model below is built partitioned (zero.Init), never whole on a rank
+            self._zero3 = zero3_construction(cfg)
         self.rank, self.world = dist_info()
         self.is_main = self.rank == 0
         if cfg.rollout.tasks_per_step < self.world:
@@ -276,6 +282,8 @@ class Trainer:
         )
         rollout_s = time.perf_counter() - t0
         metrics = {**rollout_metrics(episodes), "perf/rollout_s": rollout_s}
+        if hasattr(self.policy, "sleep"):
+            self.policy.sleep()  # policy.vllm.sleep_mode (CUDA): frees the engine while we learn
 
         t1 = time.perf_counter()
         chosen = select_episodes(episodes, cfg.objective, cfg.trainer.skip_no_signal)
@@ -283,11 +291,12 @@ class Trainer:
         learn = MetricAccumulator()
         # one decision for all ranks: a rank that skipped the update alone would hang the others
         if any_rank(chosen.signal):
-            self.update(chosen.batch(self.tokenizer.pad_token_id), learn)
+            # a rank with nothing kept joins the update's collectives with no rows
+            batch = chosen.batch(self.tokenizer.pad_token_id) if chosen.kept else empty_batch()
+            self.update(batch, learn)
             metrics["train/no_signal"] = 0.0
         else:
             metrics["train/no_signal"] = 1.0
-        metrics.update(learn.result())
         learn_s = time.perf_counter() - t1
         tokens = sum(len(ep.token_ids) for ep in chosen.valid)
         metrics.update(
@@ -298,6 +307,8 @@ class Trainer:
             }
         )
         metrics = reduce_metrics(metrics)
+        # the learner's per-token means over all ranks' tokens (a rank without any counts 0)
+        metrics.update(reduce_metrics(learn.result(), weight=learn.weight))
         if "entropy/mean" in metrics:
             entropy = metrics["entropy/mean"]
             if self.initial_entropy is None:
@@ -331,8 +342,8 @@ class Trainer:
         for _epoch in range(cfg.trainer.epochs):
             order = torch.randperm(len(batch), generator=generator)
             for part in torch.tensor_split(order, cfg.trainer.mini_batches):
-                if len(part) == 0:
-                    continue
+                if len(part) == 0 and self.world == 1:
+                    continue  # ranks > 1 step together, an empty part included
                 out = self.learner.update(batch.rows(part), zeta, eps_high)
                 if out.pop("nonfinite"):
                     self.nonfinite_in_a_row += 1
@@ -371,6 +382,12 @@ class Trainer:
         summary = summarize_tasks(records, cfg.eval.k)
         bounds = score_intervals(records, cfg.eval.k, Bootstrap())
         split = cfg.eval.split
+        # the per-task records too, so that runs can be compared task by task afterwards (the
+        # entropy study's paired intervals): evals/<split>_step<N>.json, written atomically
+        atomic_write_text(
+            self.run_dir / "evals" / f"{split}_step{self.step:05d}.json",
+            json.dumps({"split": split, "step": self.step, "k": cfg.eval.k, "records": records}),
+        )
         out: dict[str, float] = {}
         # a score with nothing to rest on (every episode errored; no task with k clean samples)
         # is logged as NaN, which the report and TensorBoard skip; each carries its 95% bootstrap
