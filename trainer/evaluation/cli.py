@@ -44,7 +44,13 @@ def default_out(model: str, env: str, split: str, k: int, env_kwargs: dict | Non
 
 
 def _load_policy(
-    model: str, backend: str, temperature: float, top_p: float, seed: int, max_context: int
+    model: str,
+    backend: str,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    max_context: int,
+    vllm: dict | None = None,
 ):
     """The policy of ``--backend`` for ``--model``; errors name the flag and what was expected."""
     from agent.backends import build_policy
@@ -57,7 +63,7 @@ def _load_policy(
         )
     if backend != "openai" and is_url:
         raise ValueError(f"--model {model!r} is a URL: use --backend openai for a served model")
-    cfg = PolicyConfig(backend=backend, temperature=temperature, top_p=top_p)
+    cfg = PolicyConfig(backend=backend, temperature=temperature, top_p=top_p, vllm=vllm or {})
     try:
         return build_policy(cfg, model, seed=seed, max_model_len=max_context)
     except ModelNotFoundError as exc:
@@ -88,6 +94,7 @@ def evaluate_cli(
     progress: bool = True,
     confidence: float = 0.95,
     resamples: int = 2000,
+    vllm: dict | None = None,
 ) -> dict[str, Any] | str:
     """`eprl eval`: evaluate (resumably) and write ``out`` + ``.md``; or, with ``compare``,
     print the side-by-side table of those result files with the paired differences from the
@@ -142,7 +149,7 @@ def evaluate_cli(
 
     max_turns, max_new_tokens = budget["max_turns"], budget["max_new_tokens"]
     max_context = budget["max_context_tokens"]
-    policy = _load_policy(model, backend, temperature, top_p, seed, max_context)
+    policy = _load_policy(model, backend, temperature, top_p, seed, max_context, vllm)
     tokenizer = policy.tokenizer
     window = _model_window(policy)
     if window:
