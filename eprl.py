@@ -52,11 +52,64 @@ def train(
 @app.command()
 def demo(
     config: Annotated[str, typer.Argument(help="run config YAML")] = "configs/quickstart.yaml",
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted overrides, e.g. steps=6")
+    ] = None,
+    seeds: Annotated[
+        int,
+        typer.Option(help="run the demo for N seeds (config seed, +1, ...) and report the median"),
+    ] = 1,
+    num_tasks: Annotated[int, typer.Option(help="held-out tasks evaluated before and after")] = 40,
+    k: Annotated[int, typer.Option(help="held-out samples per task")] = 2,
+    out: Annotated[
+        str | None, typer.Option(help="with --seeds: the resumable JSON of every seed's numbers")
+    ] = None,
 ) -> None:
     """The quick start: train the embedded model, then evaluate it against the untrained one."""
-    from trainer.demo import run_demo as run
+    from trainer.config import load_config
+    from trainer.demo import run_demo, run_seeds
 
-    run(config)
+    try:
+        if seeds < 1 or num_tasks < 1 or k < 1:
+            raise ValueError(
+                f"--seeds, --num-tasks and --k must be >= 1, got {seeds}, {num_tasks}, {k}"
+            )
+        if seeds == 1 and out is None:
+            run_demo(config, num_tasks, k, overrides or [])
+            return
+        first = load_config(config, overrides or []).seed
+        run_seeds(
+            config,
+            list(range(first, first + seeds)),
+            out or f"runs/demo_seeds_{first}-{first + seeds - 1}.json",
+            num_tasks,
+            k,
+            overrides or [],
+        )
+    except ValueError as exc:
+        _fail(exc)
+
+
+# vLLM engine knobs of `eprl eval` / `eprl rollout` (policy.vllm.*; unset: its defaults)
+_TP = Annotated[int | None, typer.Option(help="vLLM tensor-parallel size")]
+_GPU_MEM = Annotated[float | None, typer.Option(help="vLLM GPU memory fraction (0, 1]")]
+_DTYPE = Annotated[str | None, typer.Option(help="vLLM dtype: auto|float32|bfloat16|float16")]
+_MAX_LEN = Annotated[int | None, typer.Option(help="vLLM max model length (tokens)")]
+_BACKEND = Annotated[
+    str | None, typer.Option(help="hf | vllm | openai (default: vllm where vLLM imports, else hf)")
+]
+
+
+def _backend(backend: str | None) -> str:
+    """--backend, or the default (vllm where vLLM imports), said on stderr when defaulted."""
+    if backend is not None:
+        return backend
+    from agent.backends import backend_reason
+    from agent.config import PolicyConfig
+
+    cfg = PolicyConfig()
+    print(f"eprl: --backend not given: {cfg.backend} ({backend_reason(cfg)})", file=sys.stderr)
+    return cfg.backend
 
 
 @app.command(name="eval")
@@ -76,7 +129,7 @@ def evaluate(
     ] = "eprl/CodeExec-v0",
     split: Annotated[str, typer.Option(help="task split")] = "test",
     k: Annotated[int, typer.Option(help="samples per task")] = 4,
-    backend: Annotated[str, typer.Option(help="hf | vllm | openai")] = "hf",
+    backend: _BACKEND = None,
     out: Annotated[str | None, typer.Option(help="results JSON (resumable)")] = None,
     num_tasks: Annotated[int | None, typer.Option(help="evaluate only the first N tasks")] = None,
     env_kwargs: Annotated[str | None, typer.Option(help="environment kwargs as JSON")] = None,
@@ -88,6 +141,10 @@ def evaluate(
         float, typer.Option(help="confidence level of the bootstrap intervals")
     ] = 0.95,
     resamples: Annotated[int, typer.Option(help="bootstrap replicates per interval")] = 2000,
+    tensor_parallel_size: _TP = None,
+    gpu_memory_utilization: _GPU_MEM = None,
+    dtype: _DTYPE = None,
+    max_model_len: _MAX_LEN = None,
 ) -> None:
     """Evaluate a model on an environment split: pass@1, pass@k, reward, success, diversity.
 
@@ -104,18 +161,22 @@ def evaluate(
     elif model is None:
         _fail(ValueError("--model is required (a checkpoint folder, model name or URL)"))
     try:
+        from agent.cli import vllm_options
+
+        vllm = vllm_options(tensor_parallel_size, gpu_memory_utilization, dtype, max_model_len)
         run(
             model=model,
             env=env,
             split=split,
             k=k,
-            backend=backend,
+            backend=backend if compare else _backend(backend),
             out=out,
             num_tasks=num_tasks,
             env_kwargs=env_kwargs,
             compare=results if compare else None,
             confidence=confidence,
             resamples=resamples,
+            vllm=vllm,
         )
     except ValueError as exc:
         _fail(exc)
@@ -129,17 +190,23 @@ def rollout(
     k: Annotated[int, typer.Option(help="episodes per task (group size)")] = 4,
     num_tasks: Annotated[int, typer.Option(help="number of tasks")] = 4,
     out: Annotated[str, typer.Option(help="output JSONL")] = "trajectories.jsonl",
-    backend: Annotated[str, typer.Option(help="hf | vllm | openai")] = "hf",
+    backend: _BACKEND = None,
     max_turns: Annotated[int, typer.Option(help="turn limit per episode")] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="tokens per turn")] = 96,
     temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
     env_kwargs: Annotated[str | None, typer.Option(help="environment kwargs as JSON")] = None,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
+    tensor_parallel_size: _TP = None,
+    gpu_memory_utilization: _GPU_MEM = None,
+    dtype: _DTYPE = None,
+    max_model_len: _MAX_LEN = None,
 ) -> None:
     """Sample episodes and write them as JSONL (trajectories.jsonl)."""
     from agent.cli import rollout_cli as run
+    from agent.cli import vllm_options
 
     try:
+        vllm = vllm_options(tensor_parallel_size, gpu_memory_utilization, dtype, max_model_len)
         run(
             model=model,
             env=env,
@@ -147,12 +214,13 @@ def rollout(
             k=k,
             num_tasks=num_tasks,
             out=out,
-            backend=backend,
+            backend=_backend(backend),
             max_turns=max_turns,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             env_kwargs=env_kwargs,
             seed=seed,
+            vllm=vllm,
         )
     except ValueError as exc:
         _fail(exc)
@@ -160,21 +228,45 @@ def rollout(
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port")] = 8000,
+    config: Annotated[
+        str | None, typer.Option(help="serve config YAML (every ServeSettings key)")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default 8000)")] = None,
     token: Annotated[str | None, typer.Option(help="bearer token (or $EPRL_TOKEN)")] = None,
-    max_sessions: Annotated[int, typer.Option(help="bound on concurrent sessions")] = 64,
+    tokens_file: Annotated[
+        str | None, typer.Option(help="file of tokens, one per line (re-read on SIGHUP)")
+    ] = None,
+    max_sessions: Annotated[
+        int | None, typer.Option(help="bound on concurrent sessions (default 64)")
+    ] = None,
+    tls_certfile: Annotated[str | None, typer.Option(help="TLS certificate (PEM)")] = None,
+    tls_keyfile: Annotated[str | None, typer.Option(help="TLS private key (PEM)")] = None,
+    log_level: Annotated[str | None, typer.Option(help="uvicorn log level (default info)")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="any setting, e.g. --set idle_timeout_s=60 (repeatable)"),
+    ] = None,
 ) -> None:
-    """Run the environment service (FastAPI) for remote clients."""
+    """Run the environment service (FastAPI) for remote clients.
+
+    Flags and --set override the config file; SIGTERM drains, SIGHUP reloads the tokens."""
     from serving.app import serve as run
+    from serving.config import parse_sets
 
     try:
-        run(
-            host=host,
-            port=port,
-            token=token or None,  # serve() falls back to the token environment variable
-            max_sessions=max_sessions,
-        )
+        overrides = parse_sets(set_ or [])
+        flags = {
+            "host": host,
+            "port": port,
+            "token": token or None,  # serve() falls back to the token environment variable
+            "tokens_file": tokens_file,
+            "max_sessions": max_sessions,
+            "tls_certfile": tls_certfile,
+            "tls_keyfile": tls_keyfile,
+            "log_level": log_level,
+        }
+        run(config=config, **{**overrides, **{k: v for k, v in flags.items() if v is not None}})
     except ValueError as exc:
         _fail(exc)
 
@@ -221,11 +313,18 @@ def models(
 
 
 @appworld_app.command("setup")
-def appworld_setup() -> None:
-    """Check the isolated AppWorld venv and unpack its apps (offline)."""
+def appworld_setup(
+    root: Annotated[
+        str | None, typer.Option(help="AppWorld root (default $APPWORLD_ROOT, else the cache)")
+    ] = None,
+    download: Annotated[
+        bool, typer.Option(help="download AppWorld's released data (`appworld download data`)")
+    ] = True,
+) -> None:
+    """Check the isolated AppWorld venv, unpack its apps, download the released data."""
     from envs.appworld.cli import setup
 
-    raise typer.Exit(setup())
+    raise typer.Exit(setup(root=root, download=download))
 
 
 @appworld_app.command("make-data")

@@ -42,6 +42,8 @@ DESIGN_METRICS = [
 def tiny_overrides(model_dir, runs_root, **extra):
     base = {
         "model.name": model_dir,
+        # these tests check what an update does to the learner's own module (the hf sampler)
+        "policy.backend": "hf",
         "steps": 2,
         "rollout.tasks_per_step": 2,
         "rollout.group_size": 2,
@@ -113,6 +115,14 @@ def check_artifacts(cfg, run_dir):
             key = f"eval/dev/{name}"
             assert row[f"{key}_lo"] <= row[key] <= row[f"{key}_hi"], (key, row)
             assert row[f"{key}_tasks"] == cfg.eval.num_tasks
+    # each evaluation's per-task records, for task-by-task comparisons of runs afterwards
+    for step, row in ((0, metrics[0]), (2, metrics[2])):
+        saved = json.loads((run_dir / "evals" / f"dev_step{step:05d}.json").read_text())
+        assert saved["step"] == step and saved["k"] == cfg.eval.k
+        assert len(saved["records"]) == cfg.eval.num_tasks
+        successes = [ep["success"] for rec in saved["records"] for ep in rec["episodes"]]
+        assert len(successes) == cfg.eval.num_tasks * cfg.eval.k
+        assert sum(successes) / len(successes) == pytest.approx(row["eval/dev/pass@1"])
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     for name in ("report.md", "reward.png", "entropy.png", "clip.png", "success.png"):
         assert (run_dir / name).stat().st_size > 0, name
@@ -633,6 +643,57 @@ def test_demo_trains_then_compares_on_stratified_held_out_tasks(
     printed = capsys.readouterr().out
     assert "entropy of sampled tokens (held-out)" in printed and "untrained" in printed
     assert "answers that stop (held-out)" in printed
+
+
+def test_median_is_the_middle_value_never_the_best_draw():
+    from trainer.demo import median
+
+    assert median([0.1, 0.9, 0.3]) == 0.3
+    assert median([0.4, 0.1, 0.3, 0.2]) == pytest.approx(0.25)
+    assert median([None, math.nan, 0.5]) == 0.5
+    assert median([None]) is None
+
+
+def test_demo_over_seeds_reports_each_seed_and_the_median_and_resumes(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    """`eprl demo --seeds 2`: one run folder per seed, each seed's numbers read from its own
+    demo summary, their median, a JSON written after every seed, and a rerun that skips the seeds
+    it has and refuses other settings."""
+    from trainer.demo import SEED_NUMBERS, median, run_seeds
+
+    monkeypatch.setenv("COLUMNS", "200")
+    overrides = tiny_overrides(
+        tiny_model_dir, tmp_path / "runs", steps=1, **{"eval.at_start": False}
+    )
+    out = tmp_path / "seeds.json"
+    config = str(REPO / "configs" / "quickstart.yaml")
+    report = run_seeds(config, [3, 4], out, num_tasks=2, k=2, overrides=overrides)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["seeds"] == [3, 4]
+    for seed in (3, 4):
+        row = report["per_seed"][str(seed)]
+        run_dir = Path(row["run_dir"])
+        assert run_dir.name == f"run_s{seed}"
+        saved = json.loads((run_dir / "demo_summary.json").read_text())
+        assert row["pass@1 trained"] == saved["after"]["pass@1"]
+        assert row["held-out entropy change"] == saved["held_out_entropy_change"]
+    # different seeds sample different held-out answers
+    entropies = [report["per_seed"][s]["held-out entropy change"] for s in ("3", "4")]
+    assert entropies[0] != entropies[1]
+    for name in SEED_NUMBERS:
+        assert report["median"][name] == median([report["per_seed"][s][name] for s in ("3", "4")])
+    printed = capsys.readouterr().out
+    assert "median" in printed and "seed 3" in printed and "seed 4" in printed
+
+    # a rerun with one more seed runs only that one
+    before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    again = run_seeds(config, [3, 4, 5], out, num_tasks=2, k=2, overrides=overrides)
+    after = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert sorted(set(after) - set(before)) == ["run_s5"]
+    assert again["per_seed"]["3"] == report["per_seed"]["3"]
+    with pytest.raises(ValueError, match="other settings"):
+        run_seeds(config, [3], out, num_tasks=2, k=1, overrides=overrides)
 
 
 def test_sampled_entropy_over_all_answers_and_over_those_that_stop(tiny_model_dir):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from datetime import datetime
 from pathlib import Path
 
 from agent.io import atomic_write_text
@@ -157,6 +158,8 @@ def run_demo(
     entropy_end = sum(last) / len(last)
     differences = _differences(before, after, k)
     gain = differences["pass@1"]
+    # the sampler/learner gap over the run's updates: 0 with hf (one module), kernels with vllm
+    kls = [r["mismatch/kl"] for r in rows if math.isfinite(r.get("mismatch/kl", math.nan))]
     summary = {
         "before": before["metrics"],
         "after": after["metrics"],
@@ -167,6 +170,8 @@ def run_demo(
         # trained - untrained over the same tasks, each with its paired bootstrap interval
         "differences": differences,
         "pass@1_gain_excludes_zero": gain["excludes_zero"],
+        "policy_backend": cfg.policy.backend,
+        "mismatch_kl": sum(kls) / len(kls) if kls else None,
         "entropy_start": entropy_start,
         "entropy_end": entropy_end,
         "entropy_end_range": [min(last), max(last)],
@@ -214,6 +219,11 @@ def run_demo(
         f"{summary['entropy_change']:+.1%}",
     )
     console.print(table)
+    if kls:
+        console.print(
+            f"sampler/learner mismatch KL ({cfg.policy.backend} sampler, mean over {len(kls)} "
+            f"steps): {summary['mismatch_kl']:.2e}"
+        )
     low, high = gain["interval"]
     console.print(
         f"pass@1 gain {gain['difference']:+.3f}, 95% paired interval [{low:+.3f}, {high:+.3f}] "
@@ -226,3 +236,126 @@ def run_demo(
     )
     console.print(f"report: {run_dir}/report.md   ({summary['minutes']:.1f} min)")
     return summary
+
+
+# the numbers a multi-seed demo reports per seed, with how each is read from a demo summary
+SEED_NUMBERS = {
+    "pass@1 untrained": lambda s: s["before"]["pass@1"],
+    "pass@1 trained": lambda s: s["after"]["pass@1"],
+    "pass@1 gain": lambda s: s["differences"]["pass@1"]["difference"],
+    "pass@k untrained": lambda s: s["before"].get(f"pass@{s['k']}"),
+    "pass@k trained": lambda s: s["after"].get(f"pass@{s['k']}"),
+    "pass@k gain": lambda s: (s["differences"].get(f"pass@{s['k']}") or {}).get("difference"),
+    "held-out entropy change": lambda s: s["held_out_entropy_change"],
+    "held-out entropy change, stopped answers": lambda s: s["held_out_entropy_change_stopped"],
+    "train entropy change": lambda s: s["entropy_change"],
+    "minutes": lambda s: s["minutes"],
+}
+
+
+def median(values: list[float]) -> float | None:
+    """The median of the finite values (the middle one, or the mean of the middle two)."""
+    finite = sorted(v for v in values if v is not None and math.isfinite(v))
+    if not finite:
+        return None
+    mid = len(finite) // 2
+    return finite[mid] if len(finite) % 2 else (finite[mid - 1] + finite[mid]) / 2
+
+
+def seed_digest(summary: dict) -> dict:
+    """One seed's row of a multi-seed demo: the numbers of :data:`SEED_NUMBERS`, whether its
+    pass@1 gain excludes zero, and where its run lies."""
+    row = {name: read(summary) for name, read in SEED_NUMBERS.items()}
+    row["pass@1 gain excludes 0"] = summary["pass@1_gain_excludes_zero"]
+    row["run_dir"] = summary["run_dir"]
+    return row
+
+
+def seeds_report(per_seed: dict[int, dict]) -> dict:
+    """Each seed's numbers and their median across seeds (never the best draw)."""
+    seeds = sorted(per_seed)
+    return {
+        "seeds": seeds,
+        "per_seed": {str(s): per_seed[s] for s in seeds},
+        "median": {name: median([per_seed[s][name] for s in seeds]) for name in SEED_NUMBERS},
+        "gains_excluding_0": sum(bool(per_seed[s]["pass@1 gain excludes 0"]) for s in seeds),
+    }
+
+
+def run_seeds(
+    config: str,
+    seeds: list[int],
+    out: str | Path,
+    num_tasks: int = 40,
+    k: int = 2,
+    overrides: list[str] | None = None,
+) -> dict:
+    """`eprl demo --seeds N`: the demo once per seed, then each seed's numbers and the median.
+
+    ``out`` (JSON) is rewritten atomically after every seed, so a killed run keeps the seeds it
+    finished and a rerun with the same ``out`` starts at the first seed it lacks. It records the
+    config and overrides it ran with and refuses to continue under other ones."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs distinct seeds, got {seeds}")
+    out = Path(out)
+    settings = {
+        "config": str(config),
+        "overrides": list(overrides or []),
+        "k": k,
+        "num_tasks": num_tasks,
+    }
+    per_seed: dict[int, dict] = {}
+    if out.exists():
+        done = json.loads(out.read_text())
+        if done.get("settings") != settings:
+            raise ValueError(
+                f"{out} holds a multi-seed demo with other settings {done.get('settings')}; "
+                f"this run has {settings}: pass another --out"
+            )
+        per_seed = {int(s): row for s, row in done["per_seed"].items()}
+    base_name = load_config(config, settings["overrides"]).logging.run_name
+    base_name = base_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    console = Console()
+    for seed in seeds:
+        if seed in per_seed:
+            console.print(f"seed {seed}: done already ({per_seed[seed]['run_dir']})")
+            continue
+        console.print(f"[bold]seed {seed}[/] ({len(per_seed) + 1}/{len(seeds)})")
+        # each seed its own run folder: <run_name or the start time>_s<seed>
+        run_name = f"{base_name}_s{seed}"
+        summary = run_demo(
+            config,
+            num_tasks,
+            k,
+            [*settings["overrides"], f"seed={seed}", f"logging.run_name={run_name}"],
+        )
+        per_seed[seed] = seed_digest(summary)
+        report = {"settings": settings, **seeds_report(per_seed)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(report, indent=2))
+
+    report = {"settings": settings, **seeds_report({s: per_seed[s] for s in seeds})}
+    table = Table(title=f"{len(seeds)} seeds: each seed and the median ({out})")
+    table.add_column("")
+    for seed in seeds:
+        table.add_column(f"seed {seed}")
+    table.add_column("median")
+    for name in SEED_NUMBERS:
+        percent = "change" in name
+        cells = [per_seed[s][name] for s in seeds] + [report["median"][name]]
+        table.add_row(name, *(_number(v, percent) for v in cells))
+    console.print(table)
+    console.print(
+        f"pass@1 gain outside the evaluation's 95% noise in {report['gains_excluding_0']} "
+        f"of {len(seeds)} seeds"
+    )
+    return report
+
+
+def _number(value: float | None, percent: bool) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.1%}" if percent else f"{value:.3f}"

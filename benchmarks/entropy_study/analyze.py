@@ -29,25 +29,50 @@ ROOT = STUDY.parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
+from trainer.evaluation.compare import paired_differences  # noqa: E402
+from trainer.evaluation.intervals import Bootstrap  # noqa: E402
+from trainer.evaluation.metrics import per_task_rows  # noqa: E402
 from trainer.logger import read_metrics  # noqa: E402
 
-ORDER = ["grpo", "dapo", "rloo_fp32", "rloo_bf16", "repo_r", "repo_d", "adapo"]
+ORDER = [
+    "grpo",
+    "dapo",
+    "rloo_fp32",
+    "rloo_bf16",
+    "rloo_fp16",
+    "repo_r_arxiv",
+    "repo_r_submitted",
+    "repo_r",
+    "repo_d",
+    "adapo",
+]
 LABELS = {
     "grpo": "GRPO",
     "dapo": "DAPO (clip-higher)",
     "rloo_fp32": "RLOO, FP32 path",
     "rloo_bf16": "RLOO, bf16 path",
-    "repo_r": "REPO-R",
-    "repo_d": "REPO-D",
+    "rloo_fp16": "RLOO, fp16 path (loss scaling)",
+    "repo_r_arxiv": "REPO-R (arXiv)",
+    "repo_r_submitted": "REPO-R (submitted)",
+    "repo_r": "REPO-R",  # runs from before the two versions were told apart (the submitted form)
+    "repo_d": "REPO, constant beta",
     "adapo": "ADAPO",
 }
 # Qwen3-32B on AppWorld (methods.md): entropy change over training, TGC test-normal / test-challenge
-PAPER_ENTROPY = {"grpo": -57, "dapo": 298, "rloo_fp32": -36, "adapo": 102, "repo_r": 7}
+REPO_R = ("repo_r_arxiv", "repo_r_submitted", "repo_r")
+PAPER_ENTROPY = {
+    "grpo": -57,
+    "dapo": 298,
+    "rloo_fp32": -36,
+    "adapo": 102,
+    **dict.fromkeys(REPO_R, 7),
+}
 PAPER_TGC = {
     "rloo_fp32": (79, 71),
+    "rloo_fp16": (79, 71),  # the headline row may be an FP16 fix, not FP32 (methods.md)
     "adapo": (78, 58),
     "dapo": (73, 52),
-    "repo_r": (73, 54),
+    **dict.fromkeys(REPO_R, (73, 54)),
     "grpo": (67, 46),
 }
 _RUN = re.compile(r"^(?P<method>[a-z0-9_]+)_s(?P<seed>\d+)$")
@@ -121,6 +146,7 @@ def load_run(run_dir: Path, baseline: dict | None) -> dict | None:
         "evals": evals,
         "wall_s": wall_seconds(run_dir),
         "eval_tasks": _eval_tasks(run_dir, baseline),
+        "final_records": final_records(run_dir, split),
         "tasks": ", ".join(f"{key}={value}" for key, value in cfg["env"]["kwargs"].items()),
         "tasks_per_step": cfg["rollout"]["tasks_per_step"],
         "budget": (
@@ -129,6 +155,37 @@ def load_run(run_dir: Path, baseline: dict | None) -> dict | None:
             f"AdamW lr {cfg['trainer']['lr']:g}, {cfg['trainer']['mini_batches']} mini-batch update(s) per step"
         ),
     }
+
+
+def final_records(run_dir: Path, split: str) -> dict | None:
+    """The per-task records of the run's last evaluation on ``split`` (``evals/<split>_step
+    <N>.json``, written by the trainer since 2026-12-01), or None for runs from before."""
+    files = sorted((run_dir / "evals").glob(f"{split}_step*.json"))
+    return json.loads(files[-1].read_text()) if files else None
+
+
+def pooled_side(runs: list[dict]) -> dict | None:
+    """A method's final held-out evaluation over its seeds as one ``--compare`` side: each
+    task's samples from every seed together (the tasks are the same for every seed), or None
+    when a run has no per-task records."""
+    if not runs or any(r.get("final_records") is None for r in runs):
+        return None
+    k = runs[0]["final_records"]["k"]
+    by_task: dict[str, dict] = {}
+    for run in runs:
+        for record in run["final_records"]["records"]:
+            merged = by_task.setdefault(record["task_id"], {**record, "episodes": []})
+            merged["episodes"] = merged["episodes"] + record["episodes"]
+    return {"k": k, "per_task": per_task_rows(list(by_task.values()), k)}
+
+
+def paired_pass_at_1(base: list[dict], other: list[dict]) -> dict | None:
+    """other - base of held-out pass@1 over the tasks both evaluated, with its 95% paired
+    bootstrap interval (over tasks and the samples within them), or None without records."""
+    a, b = pooled_side(base), pooled_side(other)
+    if a is None or b is None:
+        return None
+    return paired_differences(a, b, Bootstrap())["differences"].get("pass@1")
 
 
 def _eval_tasks(run_dir: Path, baseline: dict | None) -> int | None:
@@ -175,8 +232,8 @@ def claims(by_method: dict[str, list[dict]]) -> list[tuple[str, str, str, str]]:
         ours = change(method)
         if ours is None:
             continue
-        if method == "repo_r":
-            claim, ok = "REPO-R keeps entropy near its start", abs(ours) <= 0.15
+        if method in REPO_R:
+            claim, ok = f"{LABELS[method]} keeps entropy near its start", abs(ours) <= 0.15
         elif paper < 0:
             claim, ok = f"{LABELS[method]} lowers entropy", ours < -0.05
         else:
@@ -202,20 +259,33 @@ def claims(by_method: dict[str, list[dict]]) -> list[tuple[str, str, str, str]]:
     if base:
         p_base = _mean(r["evals"][-1][1] for r in base)
         n = base[0]["eval_tasks"]
-        for method in ("rloo_fp32", "adapo", "dapo", "repo_r"):
+        for method in ("rloo_fp32", "rloo_fp16", "adapo", "dapo", *REPO_R):
             runs = by_method.get(method)
             if not runs:
                 continue
             p = _mean(r["evals"][-1][1] for r in runs)
-            noise = 2 * math.hypot(_se(p, n), _se(p_base, n))
-            diff = p - p_base
-            verdict = "within noise" if abs(diff) < noise else "agrees" if diff > 0 else "disagrees"
+            paired = paired_pass_at_1(base, runs)
+            if paired is not None and paired["interval"] is not None:
+                # the paired bootstrap over the same held-out tasks, all seeds' samples pooled
+                low, high = paired["interval"]
+                ours = (
+                    f"pass@1 {p:.3f} vs {p_base:.3f}, difference {paired['difference']:+.3f} "
+                    f"[{low:+.3f}, {high:+.3f}] (95% paired, {paired['tasks']} tasks)"
+                )
+                noise_free = paired["excludes_zero"]
+                diff = paired["difference"]
+            else:  # runs from before the per-task records: the binomial approximation
+                noise = 2 * math.hypot(_se(p, n), _se(p_base, n))
+                ours = f"pass@1 {p:.3f} vs {p_base:.3f} (2 SE ~ {noise:.3f})"
+                diff = p - p_base
+                noise_free = abs(diff) >= noise
+            verdict = "within noise" if not noise_free else "agrees" if diff > 0 else "disagrees"
             paper = f"{PAPER_TGC[method][0]} vs {PAPER_TGC['grpo'][0]} TGC (T-N)"
             out.append(
                 (
                     f"{LABELS[method]} beats GRPO on held-out tasks",
                     paper,
-                    f"pass@1 {p:.3f} vs {p_base:.3f} (2 SE ~ {noise:.3f})",
+                    ours,
                     verdict + unfinished(method),
                 )
             )
@@ -341,8 +411,10 @@ baseline evaluation (the untrained model, step 0 of every curve).
 
 {chr(10).join(verdicts)}
 
-How to read this: one seed per method unless listed, {n_tasks} held-out tasks, so a held-out
-difference smaller than about two standard errors (shown) is noise. Entropy is measured on the
+How to read this: one seed per method unless listed, {n_tasks} held-out tasks. A held-out
+difference is noise unless its 95% paired bootstrap interval (over the same tasks, every seed's
+samples pooled) excludes 0; runs from before the trainer kept per-task records show two
+binomial standard errors instead. Entropy is measured on the
 training batches, which differ in content from step to step ({any_run["tasks_per_step"]} tasks per step), so
 "start" and "end" are the means of the first and the last 3 steps: look at the trend over the
 figure rather than single steps. The paper's numbers are for Qwen3-32B on

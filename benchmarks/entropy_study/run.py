@@ -1,10 +1,13 @@
-"""The entropy study: SmolLM2-135M-Instruct on CodeExec procedural tasks, seven objectives, the
+"""The entropy study: SmolLM2-135M-Instruct on CodeExec procedural tasks, nine objectives, the
 same seeds and budget, entropy and held-out pass@k against steps (our small-scale version of the
 table of "Entropy-Preserving Reinforcement Learning", methods.md).
 
 Methods (``configs/<method>.yaml``; only ``objective`` and ``precision`` differ): grpo, dapo
-(clip-higher), rloo_fp32 (RLOO/LOOP with the FP32 loss path), rloo_bf16 (the same with
-``precision.loss: bf16``), repo_r, repo_d, adapo.
+(clip-higher), rloo_fp32 (RLOO/LOOP with the FP32 loss path), rloo_bf16 and rloo_fp16 (the same
+with ``precision.loss: bf16`` / ``fp16``), repo_r_arxiv (REPO-R as in the arXiv version, with
+the faithful controller), repo_r_submitted (the submitted version's positive-only form),
+repo_d (constant-beta REPO: not REPO-D as described), adapo. K=8 answers per task for every
+method (since 2026-12-01; the committed RESULTS.md ran at K=4 with seven methods).
 
 Budget (the configs' defaults, sized for about 75 minutes on 2 CPU cores as measured here:
 ~50 s per step of 3 tasks x K=4 x 96 tokens with two mini-batch updates, ~1 s per evaluation
@@ -25,7 +28,7 @@ RESULTS.md and the figure grow run by run.
     python benchmarks/entropy_study/run.py --status       # progress of every run
     python benchmarks/entropy_study/run.py --stop         # stop it (resume by starting it again)
     python benchmarks/entropy_study/run.py                # foreground (also resumes)
-    python benchmarks/entropy_study/run.py --extra-seeds 1,2   # + seeds 1, 2 of GRPO and REPO-R
+    python benchmarks/entropy_study/run.py --extra-seeds 1,2   # + seeds 1, 2 of every method
 """
 
 from __future__ import annotations
@@ -46,8 +49,18 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.tasks import stratified_tasks  # noqa: E402  (re-exported for the tests)
 
-METHODS = ["grpo", "dapo", "rloo_fp32", "repo_r", "repo_d", "adapo", "rloo_bf16"]
-SEED_METHODS = ("grpo", "repo_r")  # the pair the extra seeds are for
+METHODS = [
+    "grpo",
+    "dapo",
+    "rloo_fp32",
+    "repo_r_arxiv",
+    "repo_r_submitted",
+    "repo_d",
+    "adapo",
+    "rloo_fp16",
+    "rloo_bf16",
+]
+SEED_METHODS = tuple(METHODS)  # --extra-seeds runs every method at the extra seeds
 DONE = "study_done.json"
 ATTEMPTS = "study_attempts.jsonl"
 
@@ -414,7 +427,7 @@ def parse(argv: list[str] | None):
     )
     parser.add_argument("--seeds", default="0", help="seeds of every method (comma-separated)")
     parser.add_argument(
-        "--extra-seeds", default="", help=f"more seeds for {' and '.join(SEED_METHODS)} only"
+        "--extra-seeds", default="", help="more seeds (comma-separated) for every method"
     )
     parser.add_argument("--steps", type=int, help="override steps (default: the configs' 8)")
     parser.add_argument("--eval-every", type=int, help="override eval.every (default 4)")
