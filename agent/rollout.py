@@ -201,9 +201,9 @@ class RolloutRunner:
                         break
                     if turn >= self.max_turns:
                         for i in live:
-                            self._truncate(episodes[i], "max_turns")
+                            self._truncate(episodes[i], "max_turns", envs[i])
                         break
-                    live = [i for i in live if self._fits_context(episodes[i])]
+                    live = [i for i in live if self._fits_context(episodes[i], envs[i])]
                     if not live:
                         continue
                     t0 = time.perf_counter()
@@ -280,20 +280,53 @@ class RolloutRunner:
         delta = self.chat.observation_ids(observation, ended_with_eos)
         if len(episode.token_ids) + len(delta) + self.max_new_tokens > self.max_context_tokens:
             # the next turn would not fit: end here rather than cut the observation
-            self._truncate(episode, "context_limit")
+            self._truncate(episode, "context_limit", env)
             return
         episode.append(delta, sampled=False)
 
-    def _fits_context(self, episode: Episode) -> bool:
+    def _fits_context(self, episode: Episode, env) -> bool:
         if len(episode.token_ids) + self.max_new_tokens > self.max_context_tokens:
-            self._truncate(episode, "context_limit")
+            self._truncate(episode, "context_limit", env)
             return False
         return True
 
     @staticmethod
-    def _truncate(episode: Episode, reason: str) -> None:
+    def _truncate(episode: Episode, reason: str, env=None) -> None:
+        """End an episode the runner cuts (turn or context limit). An environment that can grade
+        a cut episode (``env.unwrapped.truncate(reason) -> (reward, info)``, as AppWorld's runs
+        the task's tests on the state the last cell left) gives it its partial credit, so every
+        episode has a reward; a failure to grade is an environment error, not a score of 0."""
         episode.truncated = True
         episode.truncation_reason = reason
+        grade = _wrapper_attr(env, "truncate")
+        if not callable(grade):
+            return
+        t0 = time.perf_counter()
+        try:
+            reward, info = grade(reason)
+        except Exception as exc:  # noqa: BLE001 (any env failure ends this episode only)
+            episode.error = f"grading the cut episode failed: {type(exc).__name__}: {exc}"
+            return
+        finally:
+            episode.timings["env_s"] += time.perf_counter() - t0
+        if not math.isfinite(float(reward)):
+            episode.error = f"grading the cut episode returned a non-finite reward {reward!r}"
+            return
+        episode.info = dict(info)
+        episode.reward += float(reward)
+        episode.success = bool(info.get("success", False))
+
+
+def _wrapper_attr(env, name: str):
+    """``name`` from the outermost wrapper (or the env itself) that has it, else None."""
+    if env is None:
+        return None
+    try:
+        if hasattr(env, "get_wrapper_attr"):
+            return env.get_wrapper_attr(name)
+        return getattr(env, name)
+    except AttributeError:
+        return None
 
 
 def _close(env) -> None:

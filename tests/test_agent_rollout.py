@@ -256,6 +256,58 @@ def test_groups_turn_limit_context_limit_and_jsonl(tiny, tmp_path):
     assert again == episodes and isinstance(again[0], Episode)
 
 
+class GradesCutEpisodes(gymnasium.Wrapper):
+    """A test wrapper standing in for an environment that grades a cut episode (AppWorld's
+    ``truncate``): it records the reasons it was asked with and gives 0.25 of credit."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.reasons = []
+
+    def truncate(self, reason):
+        self.reasons.append(reason)
+        return 0.25, {"success": False, "truncation_reason": reason}
+
+
+def test_an_episode_the_runner_cuts_is_graded_by_an_env_that_can(tiny):
+    """Turn-limit and context-limit cuts ask the env for the episode's partial credit; envs
+    without ``truncate`` keep reward 0 (CodeExec: the cut episodes above)."""
+    model, tokenizer = tiny
+    policy = HFPolicy(model, tokenizer, temperature=1.0)
+    made = []
+
+    def make_env():
+        made.append(GradesCutEpisodes(make_codeexec(max_turns=10)()))
+        return made[-1]
+
+    env = make_codeexec()()
+    task = env.unwrapped.task_ids("train")[0]
+    env.close()
+    runner = RolloutRunner(
+        policy, make_env, ChatFormat(tokenizer), group_size=2, max_turns=2, max_new_tokens=8
+    )
+    episodes = runner.run([task], seed=5)
+    assert [ep.truncation_reason for ep in episodes] == ["max_turns", "max_turns"]
+    assert [ep.reward for ep in episodes] == [0.25, 0.25]
+    assert [w.reasons for w in made] == [["max_turns"], ["max_turns"]]
+    assert all(ep.info["truncation_reason"] == "max_turns" for ep in episodes)
+
+    made.clear()
+    prompt_len = episodes[0].prompt_len
+    tight = RolloutRunner(
+        policy,
+        make_env,
+        ChatFormat(tokenizer),
+        group_size=1,
+        max_turns=5,
+        max_new_tokens=8,
+        max_context_tokens=prompt_len + 9,
+    )
+    (short,) = tight.run([task], seed=5)
+    assert short.truncation_reason == "context_limit" and short.reward == 0.25
+    assert made[0].reasons == ["context_limit"]
+
+
 def test_a_failing_environment_ends_only_its_episode(tiny):
     model, tokenizer = tiny
     policy = HFPolicy(model, tokenizer)
