@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,9 @@ def test_held_out_claims_use_the_paired_bootstrap_of_the_runs_task_records(tmp_p
     fake_records(tmp_path / "dapo_s0", weak)
     assert analyze.main(["--runs-root", str(tmp_path)]) == 0
     text = (tmp_path / "RESULTS.md").read_text()
+    # the results table carries the end's 95% interval over the pooled records
+    arxiv_row = next(line for line in text.splitlines() if line.startswith("| REPO-R (arXiv) |"))
+    assert re.search(r"-> 0\.900 \[0\.8\d\d, 0\.9\d\d\]", arxiv_row), arxiv_row
     repo = next(line for line in text.splitlines() if "REPO-R (arXiv) beats GRPO" in line)
     assert "95% paired, 36 tasks" in repo and repo.endswith("| agrees |")
     dapo = next(line for line in text.splitlines() if "DAPO (clip-higher) beats GRPO" in line)

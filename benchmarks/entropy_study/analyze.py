@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from trainer.evaluation.compare import paired_differences  # noqa: E402
-from trainer.evaluation.intervals import Bootstrap  # noqa: E402
+from trainer.evaluation.intervals import Bootstrap, score_intervals  # noqa: E402
 from trainer.evaluation.metrics import per_task_rows  # noqa: E402
 from trainer.logger import read_metrics  # noqa: E402
 
@@ -164,19 +164,38 @@ def final_records(run_dir: Path, split: str) -> dict | None:
     return json.loads(files[-1].read_text()) if files else None
 
 
-def pooled_side(runs: list[dict]) -> dict | None:
-    """A method's final held-out evaluation over its seeds as one ``--compare`` side: each
-    task's samples from every seed together (the tasks are the same for every seed), or None
-    when a run has no per-task records."""
+def pooled_records(runs: list[dict]) -> tuple[int, list[dict]] | None:
+    """(k, task records) of a method's final held-out evaluation over its seeds: each task's
+    samples from every seed together (the tasks are the same for every seed), or None when a
+    run has no per-task records."""
     if not runs or any(r.get("final_records") is None for r in runs):
         return None
-    k = runs[0]["final_records"]["k"]
     by_task: dict[str, dict] = {}
     for run in runs:
         for record in run["final_records"]["records"]:
             merged = by_task.setdefault(record["task_id"], {**record, "episodes": []})
             merged["episodes"] = merged["episodes"] + record["episodes"]
-    return {"k": k, "per_task": per_task_rows(list(by_task.values()), k)}
+    return runs[0]["final_records"]["k"], list(by_task.values())
+
+
+def pooled_side(runs: list[dict]) -> dict | None:
+    """:func:`pooled_records` as one ``--compare`` side."""
+    pooled = pooled_records(runs)
+    if pooled is None:
+        return None
+    k, records = pooled
+    return {"k": k, "per_task": per_task_rows(records, k)}
+
+
+def end_interval(runs: list[dict], key: str) -> str:
+    """`` [lo, hi]``: the 95% bootstrap interval of the final held-out ``key`` (pass@1 or
+    pass@k) over the pooled records, or "" for runs from before the per-task records."""
+    pooled = pooled_records(runs)
+    if pooled is None:
+        return ""
+    k, records = pooled
+    bounds = score_intervals(records, k, Bootstrap())["intervals"].get(key.format(k=k))
+    return "" if bounds is None else f" [{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
 
 def paired_pass_at_1(base: list[dict], other: list[dict]) -> dict | None:
@@ -378,8 +397,8 @@ def report(
             f"| {_fmt(_agg(runs, lambda r: r['entropy_start']))} -> {_fmt(_agg(runs, lambda r: r['entropy_end']))} "
             f"| {_fmt(_agg(runs, lambda r: r['entropy_end'] / r['entropy_start'] - 1), pct=True)} "
             f"| {_fmt(_agg(runs, lambda r: r['reward_first']))} -> {_fmt(_agg(runs, lambda r: r['reward_last']))} "
-            f"| {b1}{_fmt(_agg(runs, lambda r: r['evals'][-1][1]))} "
-            f"| {bk}{_fmt(_agg(runs, lambda r: r['evals'][-1][2]))} "
+            f"| {b1}{_fmt(_agg(runs, lambda r: r['evals'][-1][1]))}{end_interval(runs, 'pass@1')} "
+            f"| {bk}{_fmt(_agg(runs, lambda r: r['evals'][-1][2]))}{end_interval(runs, 'pass@{k}')} "
             f"| {_mean(r['clip_low'] for r in runs):.4f} / {_mean(r['clip_high'] for r in runs):.4f} "
             f"| {_fmt(_agg(runs, lambda r: r['wall_s'] / 60), '{:.1f}')} |"
         )
