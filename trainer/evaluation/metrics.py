@@ -114,6 +114,9 @@ def episode_record(episode, tokenizer) -> dict[str, Any]:
         "truncation_reason": episode.truncation_reason,
         "error": episode.error,
         "scenario_id": episode.info.get("scenario_id"),
+        # which data the episode ran on, where the env says (AppWorld: appworld-release or
+        # appworld-generated), so every report can name it
+        "data": episode.info.get("data"),
         "solution_sha1": hashlib.sha1(solution.encode()).hexdigest() if codes else None,
     }
 
@@ -210,6 +213,12 @@ def scenario_of(records: Sequence[dict]) -> dict[str, str] | None:
 
 def _scenario(record: dict) -> str | None:
     return next((ep["scenario_id"] for ep in record["episodes"] if ep.get("scenario_id")), None)
+
+
+def data_sources(records: Sequence[dict]) -> list[str]:
+    """The data the records' episodes ran on, as their envs reported it (sorted; empty when no
+    env said, e.g. CodeExec, whose tasks ship with eprl)."""
+    return sorted({ep["data"] for rec in records for ep in rec["episodes"] if ep.get("data")})
 
 
 def per_task_rows(records: Sequence[dict], k: int) -> list[dict[str, Any]]:

@@ -142,6 +142,7 @@ def _header_rows(result: dict) -> list[tuple[str, str]]:
             + (f" {json.dumps(result['env_kwargs'])}" if result.get("env_kwargs") else ""),
         ),
         ("split", str(result.get("split"))),
+        ("data", ", ".join(result.get("data") or []) or "as shipped with the environment"),
         ("samples per task (K)", str(result.get("k"))),
         ("backend", str(result.get("backend"))),
         ("temperature / top-p", f"{s.get('temperature')} / {s.get('top_p')}"),

@@ -22,6 +22,7 @@ from agent.progress import ProgressBar
 from agent.rollout import Episode, RolloutRunner
 from trainer.evaluation.intervals import Bootstrap, score_intervals
 from trainer.evaluation.metrics import (
+    data_sources,
     per_task_rows,
     summarize_episodes,
     summarize_tasks,
@@ -157,6 +158,7 @@ def run_evaluation(
         "schema": SCHEMA,
         **{key: settings.get(key) for key in ("model", "env", "split", "backend", "env_kwargs")},
         "k": k,
+        "data": data_sources(records),
         "settings": settings,
         "metrics": summarize_tasks(records, k, settings.get("vocab_size")),
         **score_intervals(records, k, bootstrap, settings.get("vocab_size")),
