@@ -9,7 +9,8 @@ from trainer.tasks import make_env_factory, split_task_ids
 
 REPO = Path(__file__).resolve().parents[1]
 HELD_OUT = {"test", "test_normal", "test_challenge"}
-SHIPPED = sorted(REPO.glob("configs/*.yaml")) + sorted(
+# run configs only: configs/serve.yaml is the service's (tests/test_serving_config.py)
+SHIPPED = sorted(p for p in REPO.glob("configs/*.yaml") if p.name != "serve.yaml") + sorted(
     REPO.glob("benchmarks/entropy_study/configs/*.yaml")
 )
 
