@@ -147,7 +147,12 @@ def main() -> None:
         verdict(reports),
     ]
     for method, report in reports.items():
-        body += ["", f"## {METHODS[method][0]}", "", method_table(report)]
+        extra = " ".join(report["settings"]["overrides"]) or "none"
+        body += ["", f"## {METHODS[method][0]}", "", f"Overrides: `{extra}`.", ""]
+        body += [method_table(report)]
+    missing = [METHODS[m][0] for m in args.methods if m not in reports]
+    if missing:
+        body += ["", f"Not run yet: {', '.join(missing)} (a rerun continues where this stopped)."]
     body += ["", f"Numbers per seed are those of `eprl demo` ({', '.join(SEED_NUMBERS)})."]
     path = write_result(
         "quickstart_seeds", "Quick start over seeds", "\n".join(body), started, machine_line
