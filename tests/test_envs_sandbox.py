@@ -420,3 +420,69 @@ def test_a_sigkilled_sessions_work_directory_is_swept_by_the_next_one(tmp_path):
     for path in foreign:
         path.mkdir()
     assert sweep_stale("eprl-sandbox-", tmp_path) == [] and all(p.is_dir() for p in foreign)
+
+
+# a parent that dies while its sandbox is being started -----------------------------------------
+ORPHAN_PROBE = """
+import subprocess, sys, time
+from envs.sandbox import SandboxConfig
+from envs.sandbox.launch import child_setup
+apply = child_setup(SandboxConfig(), 64, False)
+pid_file = sys.argv[1]
+
+def setup():  # stands still between fork and the sandbox's setup, until the parent is gone
+    with open(pid_file + ".tmp", "w") as handle:
+        handle.write(str(__import__("os").getpid()))
+    __import__("os").rename(pid_file + ".tmp", pid_file)
+    time.sleep(1.5)
+    apply()
+
+subprocess.Popen(["sleep", "300"], preexec_fn=setup)
+"""
+
+
+def test_a_sandbox_whose_parent_died_before_its_setup_does_not_start(tmp_path):
+    """The window before the parent-death signal is set (a process exiting while a spare
+    sandbox starts): the child, adopted by init by then, must exit instead of exec'ing."""
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "child.pid"
+    repo = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN_PROBE, str(pid_file)], cwd=repo)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists():
+        assert parent.poll() is None and time.monotonic() < deadline, "the probe did not fork"
+        time.sleep(0.01)
+    child = psutil.Process(int(pid_file.read_text()))
+    parent.kill()
+    parent.wait()
+    try:
+        child.wait(timeout=30)  # exits once its setup sees the parent gone
+    except psutil.TimeoutExpired:
+        cmdline = child.cmdline()
+        child.kill()
+        pytest.fail(f"the orphaned child ran on as {cmdline}")
+
+
+FORK_PROBE = """
+import os, sys
+from envs.sandbox import run_once
+assert run_once("print(1)").output.strip() == "1"  # the spawner thread now exists here
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if run_once("print(2)").output.strip() == "2" else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_can_start_sandboxes():
+    """A process forked after its parent started a sandbox inherits the spawner without its
+    thread; starting a sandbox there must not wait forever."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", FORK_PROBE], cwd=repo, timeout=60)
+    assert done.returncode == 0

@@ -118,9 +118,15 @@ def mount_points() -> tuple[str, str]:
 def child_setup(
     config: SandboxConfig, max_processes: int, bounded_tmpfs: bool
 ) -> Callable[[], None]:
-    """preexec_fn: rlimits in the forked child, then either the bounded tmpfs mounts that
-    bubblewrap binds (``bounded_tmpfs``, see the module docstring) or, without bwrap, a
-    parent-death signal.
+    """preexec_fn: rlimits in the forked child, the bounded tmpfs mounts that bubblewrap binds
+    (``bounded_tmpfs``, see the module docstring), then a parent-death signal.
+
+    The parent-death signal (SIGKILL) covers the window before bubblewrap's own
+    ``--die-with-parent`` takes effect: a process that exits while a spare sandbox is being
+    started would otherwise leave that bwrap behind, adopted by init, its namespace's init
+    ignoring SIGTERM. It is survived by ``execve`` of a bwrap that is not set-uid; a parent that
+    died before it was set is caught by comparing ``getppid()``. The signal follows the forking
+    *thread*, hence ``session.spawn``'s long-lived spawner thread.
 
     Raw syscalls and fd writes only, so it is safe in the child of a threaded parent. It runs
     after ``subprocess`` has dropped the uid, which would otherwise clear the parent-death signal.
@@ -134,6 +140,8 @@ def child_setup(
         (shm, _SHM_MB << 20, _SHM_INODES),
     )
 
+    parent = os.getpid()
+
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
@@ -142,8 +150,9 @@ def child_setup(
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if bounded_tmpfs:
             _mount_bounded_tmpfs(mounts)
-        else:
-            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent is already gone: nobody would stop this sandbox
+            os._exit(1)
 
     return apply
 

@@ -36,6 +36,16 @@ logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">I")
 _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eprl-sandbox-spawner")
+
+
+def _new_spawner_after_fork() -> None:
+    """A forked child has the executor but not its thread: work submitted there would wait
+    forever, so the child gets an executor of its own."""
+    global _SPAWNER
+    _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eprl-sandbox-spawner")
+
+
+os.register_at_fork(after_in_child=_new_spawner_after_fork)
 _SIGNAL_MEANING = {
     signal.SIGXCPU: "CPU time limit exceeded",
     signal.SIGKILL: "the CPU time hard limit, the OOM killer, or a kill from inside",
