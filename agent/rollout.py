@@ -293,7 +293,8 @@ class RolloutRunner:
     @staticmethod
     def _truncate(episode: Episode, reason: str, env=None) -> None:
         """End an episode the runner cuts (turn or context limit). An environment that can grade
-        a cut episode (``env.unwrapped.truncate(reason) -> (reward, info)``, as AppWorld's runs
+        a cut episode (``env.unwrapped.truncate(reason) -> (reward, info)``, or None when it
+        cannot after all, as a remote env's may not; AppWorld's runs
         the task's tests on the state the last cell left) gives it its partial credit, so every
         episode has a reward; a failure to grade is an environment error, not a score of 0."""
         episode.truncated = True
@@ -303,12 +304,15 @@ class RolloutRunner:
             return
         t0 = time.perf_counter()
         try:
-            reward, info = grade(reason)
+            graded = grade(reason)
         except Exception as exc:  # noqa: BLE001 (any env failure ends this episode only)
             episode.error = f"grading the cut episode failed: {type(exc).__name__}: {exc}"
             return
         finally:
             episode.timings["env_s"] += time.perf_counter() - t0
+        if graded is None:  # a remote env that cannot grade a cut episode (eprl/Remote-v0)
+            return
+        reward, info = graded
         if not math.isfinite(float(reward)):
             episode.error = f"grading the cut episode returned a non-finite reward {reward!r}"
             return

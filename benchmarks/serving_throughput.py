@@ -12,8 +12,14 @@ session costs). Then the operator's cases: the 32 sessions spread over 2 replica
 over HTTPS (uvicorn's TLS, a certificate made with the ``openssl`` CLI) against the same over
 plain HTTP, alternated ``--tls-rounds`` times (median and range).
 
+Then warm sessions (``warm_sessions``): the first reset of a new eprl/AppWorld-v0 session
+(create + reset, as a client's first ``reset()`` does it) when a warm worker was ready for it
+against a cold one (kwargs no warm worker has), alternated ``--appworld-rounds`` times on one
+service, over the offline generated dataset; written to its own results file
+(``serving_warm_start.md``), so ``--appworld-only`` can refresh it alone.
+
     python benchmarks/serving_throughput.py [--steps 200] [--concurrency 1 32] [--idle 8]
-        [--replica-sessions 32] [--tls-rounds 3]
+        [--replica-sessions 32] [--tls-rounds 3] [--appworld-rounds 3] [--appworld-only]
 """
 
 import argparse
@@ -48,7 +54,7 @@ MEMORY_TARGET_MB = 64
 
 
 def start_service(
-    max_sessions: int, sandbox: dict, tls: dict | None = None
+    max_sessions: int, sandbox: dict, tls: dict | None = None, extra: dict | None = None
 ) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -63,6 +69,7 @@ def start_service(
     }
     if tls:
         settings.update(tls_certfile=tls["certfile"], tls_keyfile=tls["keyfile"])
+    settings.update(extra or {})
     code = "import json, sys\nfrom serving.app import serve\nserve(**json.loads(sys.argv[1]))\n"
     process = subprocess.Popen([sys.executable, "-c", code, json.dumps(settings)], cwd=ROOT)
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
@@ -194,8 +201,26 @@ def main() -> None:
     parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results" / "serving_throughput.md")
     )
+    parser.add_argument(
+        "--appworld-rounds", type=int, default=3, help="cold/warm AppWorld first-reset pairs"
+    )
+    parser.add_argument(
+        "--appworld-only", action="store_true", help="only the warm-session measurement"
+    )
+    parser.add_argument(
+        "--appworld-out", default=str(ROOT / "benchmarks" / "results" / "serving_warm_start.md")
+    )
     args = parser.parse_args()
+    if not args.appworld_only:
+        codeexec(args)
+    if args.appworld_rounds > 0:
+        from _serving_warm_start import warm_start
 
+        warm_start(args, start_service, stop, machine)
+
+
+def codeexec(args: argparse.Namespace) -> None:
+    """Steps, idle memory, replicas and TLS of eprl/CodeExec-v0 (results: ``--out``)."""
     most = max(args.concurrency + [args.replica_sessions])
     # default sandboxes: each runs under a host uid of its own on a root host
     sandbox: dict = {}

@@ -30,6 +30,7 @@ from serving.schemas import request_models
 from serving.server import DrainingServer, uvicorn_config
 from serving.settings import ServeSettings, is_loopback, served_env_ids
 from serving.tokens import TokenFileError, TokenStore
+from serving.warm import WarmMetrics, warm_specs
 
 __all__ = ["ServeSettings", "create_app", "is_loopback", "serve"]
 
@@ -55,6 +56,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     if not env_ids:
         raise ValueError("no environments to serve: no eprl/* id is registered")
     metrics: ServiceMetrics
+    models = request_models(settings, env_ids)
 
     def session_ended(session: Session, reason: str) -> None:
         metrics.sessions_ended.labels(reason).inc()
@@ -76,8 +78,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         retry_after_s=settings.retry_after_s,
         start_method=settings.start_method,
         on_session_end=session_ended,
+        warm=warm_specs(settings, env_ids, models),
     )
     metrics = ServiceMetrics(pool)
+    metrics.registry.register(WarmMetrics(pool))
     tokens = None
     if settings.authenticated:
         secret = settings.token.get_secret_value() if settings.token is not None else None
@@ -110,7 +114,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.state.tokens = tokens
 
     install_error_handlers(app, metrics.errors, metrics.rejected)
-    app.include_router(build_router(request_models(settings, env_ids)))
+    app.include_router(build_router(models))
 
     # middleware: the last added runs first
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)

@@ -217,6 +217,15 @@ class RemoteEnv(gymnasium.Env):
             result["info"],
         )
 
+    def truncate(self, reason: str = "context_limit") -> tuple[float, dict[str, Any]] | None:
+        """Cut the running episode and have the remote env grade it (AppWorld runs the task's
+        tests on the state the last cell left): ``(reward, info)``, or None when the remote
+        env cannot grade a cut episode (the rollout then keeps the rewards its steps gave)."""
+        if self.session_id is None:
+            raise gymnasium.error.ResetNeeded("call reset() before truncate() (no remote session)")
+        result = self._session_call("truncate", {"reason": reason})
+        return (float(result["reward"]), result["info"]) if result["graded"] else None
+
     def close(self) -> None:
         """Close the remote session (if any) and the HTTP client. Safe to call twice."""
         if self.session_id is not None and not self._http.is_closed:
@@ -269,7 +278,7 @@ class RemoteEnv(gymnasium.Env):
         return sorted(rotated, key=lambda base: -free.get(base, -1))
 
     def _session_call(self, op: str, body: dict[str, Any]) -> dict[str, Any]:
-        """One reset/step on the session: never retried (neither is idempotent)."""
+        """One reset/step/truncate on the session: never retried (none is idempotent)."""
         session_id = self.session_id
         url = f"{self.session_url}/v1/sessions/{session_id}/{op}"
         try:

@@ -28,18 +28,17 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = error_response(
-            413,
-            ErrorBody(
-                error="body_too_large",
-                detail=f"request body exceeds the limit of {self.max_bytes} bytes",
-            ),
-        )
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                self.metrics.rejected.labels("body_too_large").inc()
-                await too_large(scope, receive, send)
-                return
+
+        async def refuse() -> None:
+            self.metrics.rejected.labels("body_too_large").inc()
+            detail = f"request body exceeds the limit of {self.max_bytes} bytes"
+            response = error_response(413, ErrorBody(error="body_too_large", detail=detail))
+            await response(scope, receive, send)
+
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await refuse()
+            return
         body = bytearray()
         while True:
             message = await receive()
@@ -47,8 +46,7 @@ class BodyLimitMiddleware:
                 return  # client disconnected before sending its body
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
-                self.metrics.rejected.labels("body_too_large").inc()
-                await too_large(scope, receive, send)
+                await refuse()  # a body longer than declared, or sent without Content-Length
                 return
             if not message.get("more_body", False):
                 break

@@ -4,7 +4,8 @@ A crashing environment ends only its own session (:class:`~serving.workers.Worke
 that runs past its timeout stops the worker (:class:`~serving.workers.WorkerTimeout`), the number
 of live sessions is bounded (:class:`PoolFull`, never a queue), idle sessions are reaped, and
 :meth:`SessionPool.shutdown` closes every environment. The worker processes themselves, and the
-pipe protocol to them, are :mod:`serving.workers`.
+pipe protocol to them, are :mod:`serving.workers`; the workers kept warm for new sessions
+(``warm_sessions``) are :mod:`serving.warm`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Literal
 import anyio
 import anyio.to_thread
 
+from serving.warm import WarmSpec, WarmWorkers
 from serving.workers import (
     PRELOAD_ENV_VAR,
     Worker,
@@ -90,6 +92,7 @@ class Session:
     steps: int = 0
     turn: int = 0
     task_id: str | None = None
+    warm: bool = False  # its worker came from the warm pool (serving/warm.py)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -127,6 +130,7 @@ class SessionPool:
         retry_after_s: int = 2,
         start_method: Literal["forkserver", "spawn"] = "forkserver",
         on_session_end: SessionEndHook | None = None,
+        warm: tuple[WarmSpec, ...] = (),
     ) -> None:
         self.max_sessions = max_sessions
         self.env_modules = tuple(env_modules)
@@ -150,6 +154,10 @@ class SessionPool:
         # every blocking call holds a thread: one per session plus closes and one-shot jobs
         self._limiter = anyio.CapacityLimiter(max_sessions + 16)
         self._reaper: asyncio.Task | None = None
+        # workers started and warmed before any client asks (serving/warm.py)
+        self.warm = WarmWorkers(self, tuple(warm))
+        self._warm_stop: asyncio.Task | None = None
+        self.starts: dict[tuple[str, str], int] = {}  # (env id, "warm" | "cold") -> sessions
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -159,6 +167,7 @@ class SessionPool:
             await self._in_thread(self._start_forkserver)
         self.accepting = True
         self._reaper = asyncio.create_task(self._reap_forever(), name="eprl-session-reaper")
+        self.warm.start()
 
     def _start_forkserver(self) -> None:
         from multiprocessing import forkserver
@@ -176,6 +185,8 @@ class SessionPool:
             self.draining = True
             self.accepting = False
             log.info("draining: no new sessions; %d live sessions may finish", self.active)
+            if self.warm.running:  # no session will take them: give their memory back now
+                self._warm_stop = asyncio.get_running_loop().create_task(self.warm.stop())
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         """Refuse new sessions, then close every environment (killing those that hang)."""
@@ -184,6 +195,9 @@ class SessionPool:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        await self.warm.stop()
+        if self._warm_stop is not None:
+            await self._warm_stop
         sessions = list(self._sessions.values())
         await asyncio.gather(*(self._shutdown_session(s, grace_s) for s in sessions))
 
@@ -242,16 +256,21 @@ class SessionPool:
         self._sessions[session.session_id] = session  # holds the slot while the worker starts
         async with session.lock:
             try:
-                worker = await self._in_thread(
-                    start_process,
-                    self._context,
-                    worker_main,
-                    (self.env_modules, env_id, json.dumps(env_kwargs)),
-                )
-                session.worker = worker
-                session.description = await self._in_thread(
-                    worker.receive, self.create_timeout_s, f"creation of {env_id}"
-                )
+                warm = await self.warm.take(env_id, env_kwargs)
+                if warm is not None:
+                    session.worker, session.description = warm.worker, warm.description
+                    session.warm = True
+                else:
+                    await self.warm.make_room()  # warm workers yield their slots to sessions
+                    session.worker = await self._in_thread(
+                        start_process,
+                        self._context,
+                        worker_main,
+                        (self.env_modules, env_id, json.dumps(env_kwargs)),
+                    )
+                    session.description = await self._in_thread(
+                        session.worker.receive, self.create_timeout_s, f"creation of {env_id}"
+                    )
             except BaseException:
                 del self._sessions[session.session_id]
                 if session.worker is not None:
@@ -260,7 +279,15 @@ class SessionPool:
                 raise
             session.status = "ready"
             session.last_used = time.monotonic()
-        log.info("session %s created: %s (pid %s)", session.session_id, env_id, worker.pid)
+        start = "warm" if session.warm else "cold"
+        self.starts[env_id, start] = self.starts.get((env_id, start), 0) + 1
+        log.info(
+            "session %s created: %s (pid %s, %s)",
+            session.session_id,
+            env_id,
+            session.worker.pid,
+            start,
+        )
         return session
 
     async def call(self, session_id: str, op: str, **kwargs: Any) -> Any:
@@ -320,6 +347,7 @@ class SessionPool:
             while len(self._ended) > 10_000:
                 self._ended.popitem(last=False)
             log.info("session %s ended (%s)", session.session_id, reason)
+            self.warm.kick()  # a slot is free: a warm worker may start into it
             if self.on_session_end is not None:
                 self.on_session_end(session, reason)
 

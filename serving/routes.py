@@ -47,6 +47,8 @@ from serving.schemas import (
     SessionLimits,
     SessionList,
     StepResponse,
+    TruncateRequest,
+    TruncateResponse,
 )
 from serving.settings import ServeSettings
 
@@ -133,6 +135,21 @@ def session_info(session: Session, settings: ServeSettings) -> SessionInfo:
 # error codes of a call counted here as the env failing (eprl_env_errors_total{kind}); a lost
 # or timed-out worker is counted when its session ends (serving.app), however it was noticed
 _ENV_ERROR_KINDS = frozenset({"env_error"})
+
+
+async def timed_session_call(
+    pool: SessionPool, metrics: ServiceMetrics, session_id: str, op: str, **kwargs: Any
+) -> tuple[Any, str, float]:
+    """One env call on a live session, its latency recorded under ``op``: (result, env id,
+    seconds)."""
+    env_id = live_session(pool, session_id).env_id
+    started = time.perf_counter()
+    result = await pool_call(
+        pool.call(session_id, op, **kwargs), session_id, env_id=env_id, metrics=metrics
+    )
+    elapsed = time.perf_counter() - started
+    metrics.env_call_seconds.labels(op).observe(elapsed)
+    return result, env_id, elapsed
 
 
 async def pool_call(
@@ -246,15 +263,9 @@ def build_router(models: RequestModels) -> APIRouter:
         session_id: SessionId, request: ResetRequest, pool: Pool, metrics: Metrics
     ) -> dict[str, Any]:
         options = request.options.model_dump(exclude_none=True) if request.options else None
-        env_id = live_session(pool, session_id).env_id
-        started = time.perf_counter()
-        result = await pool_call(
-            pool.call(session_id, "reset", seed=request.seed, options=options),
-            session_id,
-            env_id=env_id,
-            metrics=metrics,
+        result, env_id, _ = await timed_session_call(
+            pool, metrics, session_id, "reset", seed=request.seed, options=options
         )
-        metrics.env_call_seconds.labels("reset").observe(time.perf_counter() - started)
         metrics.resets.labels(env_id).inc()
         return result  # validated once, against response_model, by FastAPI
 
@@ -271,18 +282,28 @@ def build_router(models: RequestModels) -> APIRouter:
         pool: Pool,
         metrics: Metrics,
     ) -> dict[str, Any]:
-        env_id = live_session(pool, session_id).env_id
-        started = time.perf_counter()
-        result = await pool_call(
-            pool.call(session_id, "step", action=request.action),
-            session_id,
-            env_id=env_id,
-            metrics=metrics,
+        result, env_id, elapsed = await timed_session_call(
+            pool, metrics, session_id, "step", action=request.action
         )
-        elapsed = time.perf_counter() - started
-        metrics.env_call_seconds.labels("step").observe(elapsed)
         metrics.step_seconds.labels(env_id).observe(elapsed)
         metrics.steps.labels(env_id).inc()
+        return result
+
+    @router.post(
+        "/v1/sessions/{session_id}/truncate",
+        response_model=TruncateResponse,
+        responses=error_responses(400, 404, 409, 410, 413, 422, 504),
+        operation_id="truncate_session",
+        tags=["sessions"],
+    )
+    async def truncate_session(
+        session_id: SessionId, request: TruncateRequest, pool: Pool, metrics: Metrics
+    ) -> dict[str, Any]:
+        """Cut the running episode (the client's context or turn limit) and grade it as it
+        stands, where the env can (AppWorld: the task's tests on the last state)."""
+        result, _, _ = await timed_session_call(
+            pool, metrics, session_id, "truncate", reason=request.reason
+        )
         return result
 
     @router.delete(

@@ -238,6 +238,24 @@ class StepResponse(BaseModel):
     info: dict[str, JsonValue]
 
 
+class TruncateRequest(StrictModel):
+    reason: str = Field(
+        "context_limit",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="why the client cuts the episode (recorded as info.truncation_reason)",
+    )
+
+
+class TruncateResponse(BaseModel):
+    graded: bool = Field(
+        description="false: this environment cannot grade a cut episode (reward 0, info empty)"
+    )
+    reward: float
+    info: dict[str, JsonValue]
+
+
 class CloseResponse(BaseModel):
     session_id: str
     closed: bool

@@ -8,7 +8,7 @@ level, so the client can import it and stay light.
 import ipaddress
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -26,6 +26,13 @@ MIN_TOKEN_CHARS = 16
 # out of reach of whatever decides its reward: the only ones the service offers, since over the
 # network any other one is remote code execution on this host for whoever holds the token.
 SEALED_ENV_IDS = ("eprl/AppWorld-v0", "eprl/CodeExec-v0")
+# kwargs no client may send, whatever the config says (None: the env's default applies): they
+# choose things on this host (an isolation mode, an interpreter, a directory, where to connect)
+ALWAYS_PINNED: dict[str, dict[str, None]] = {
+    "eprl/CodeExec-v0": {"sandbox": None},
+    "eprl/AppWorld-v0": {"python": None, "root": None, "server_urls": None},
+}
+MAX_WARM_PER_ENV = 64
 
 
 def token_problem(value: str) -> str | None:
@@ -95,16 +102,34 @@ class ServeSettings(BaseModel):
     # default applies). These choose things on this host: CodeExec's `sandbox` could select the
     # weaker rlimits-only isolation or another interpreter, AppWorld's `python`, `root` and
     # `server_urls` a program, a directory or where to connect.
+    # An operator's entry adds to these or sets their values; it never drops one (a config
+    # giving AppWorld only its `root` must not let clients choose `python` or `server_urls`).
     pinned_env_kwargs: dict[str, dict[str, JsonValue]] = Field(
-        default_factory=lambda: {
-            "eprl/CodeExec-v0": {"sandbox": None},
-            "eprl/AppWorld-v0": {"python": None, "root": None, "server_urls": None},
-        }
+        default_factory=lambda: {env_id: dict(keys) for env_id, keys in ALWAYS_PINNED.items()}
     )
+    # env id -> workers kept started and warmed (AppWorld: a sandboxed server answering) for the
+    # next sessions of that env id (docs/serving.md, Warm sessions); absent or 0: none. They
+    # share max_sessions with the sessions, which evict them when they need the room.
+    warm_sessions: dict[str, Annotated[int, Field(ge=0, le=MAX_WARM_PER_ENV)]] = Field(
+        default_factory=dict
+    )
+    # env id -> the kwargs (besides the pinned ones) warm workers are made with; a session whose
+    # kwargs equal these (keys at the constructor's default aside) takes a warm worker
+    warm_env_kwargs: dict[str, dict[str, JsonValue]] = Field(default_factory=dict)
     retry_after_s: int = Field(2, ge=1)
     start_method: Literal["forkserver", "spawn"] = "forkserver"
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     access_log: bool = True
+
+    @field_validator("pinned_env_kwargs")
+    @classmethod
+    def _keep_the_isolation_pins(
+        cls, pinned: dict[str, dict[str, JsonValue]]
+    ) -> dict[str, dict[str, JsonValue]]:
+        merged = {env_id: dict(keys) for env_id, keys in ALWAYS_PINNED.items()}
+        for env_id, keys in pinned.items():
+            merged[env_id] = {**merged.get(env_id, {}), **keys}
+        return merged
 
     @field_validator("token")
     @classmethod
@@ -138,7 +163,33 @@ class ServeSettings(BaseModel):
                 "TLS needs both tls_certfile and tls_keyfile (got only "
                 f"{'tls_certfile' if self.tls_keyfile is None else 'tls_keyfile'})"
             )
+        self._check_warm()
         return self
+
+    def _check_warm(self) -> None:
+        """warm_sessions and warm_env_kwargs name served env ids, fit in max_sessions, and set
+        no pinned kwarg (no client could send it, so no session would ever match)."""
+        served = SEALED_ENV_IDS if self.env_ids is None else self.env_ids
+        for key in ("warm_sessions", "warm_env_kwargs"):
+            for env_id in getattr(self, key):
+                if env_id not in served:
+                    raise ValueError(
+                        f"{key}: {env_id!r} is not a served env id (served: {list(served)})"
+                    )
+        total = sum(self.warm_sessions.values())
+        if total > self.max_sessions:
+            raise ValueError(
+                f"warm_sessions: {total} warm workers in all ({dict(self.warm_sessions)}) exceed "
+                f"max_sessions ({self.max_sessions}), which bounds sessions and warm workers "
+                "together"
+            )
+        for env_id, kwargs in self.warm_env_kwargs.items():
+            pinned = sorted(set(kwargs) & set(self.pinned_kwargs(env_id)))
+            if pinned:
+                raise ValueError(
+                    f"warm_env_kwargs: {env_id} sets {pinned}, which are pinned (clients cannot "
+                    "send them, so no session would match): set them in pinned_env_kwargs"
+                )
 
     @property
     def authenticated(self) -> bool:

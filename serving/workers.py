@@ -160,7 +160,37 @@ def _op_step(env: Any, action: str) -> dict[str, Any]:
     }
 
 
-_OPS: dict[str, Callable[..., Any]] = {"reset": _op_reset, "step": _op_step}
+def _op_truncate(env: Any, reason: str) -> dict[str, Any]:
+    """Grade the cut episode where the env can (``truncate(reason) -> (reward, info)``)."""
+    grade = getattr(env.unwrapped, "truncate", None)
+    if not callable(grade):
+        return {"graded": False, "reward": 0.0, "info": {}}
+    reward, info = grade(reason)
+    reward = float(reward)
+    if not math.isfinite(reward):
+        raise ValueError(f"the environment graded the cut episode {reward} (not finite)")
+    return {"graded": True, "reward": reward, "info": jsonable(info)}
+
+
+def _op_ping(env: Any) -> int:
+    """Proof of life before a warm worker is handed to a session (serving/warm.py)."""
+    return os.getpid()
+
+
+_OPS: dict[str, Callable[..., Any]] = {
+    "reset": _op_reset,
+    "step": _op_step,
+    "truncate": _op_truncate,
+    "ping": _op_ping,
+}
+
+
+def _warm_up(env: Any) -> None:
+    """Start now what the env's first reset would start cold (its ``warm()``, if it has one:
+    AppWorld's starts and waits for a sandboxed server), for a warm worker."""
+    warm = getattr(env.unwrapped, "warm", None)
+    if callable(warm):
+        warm()
 
 
 def _die_with_parent() -> None:
@@ -183,9 +213,17 @@ def _import_modules(modules: tuple[str, ...]) -> None:
 
 
 def worker_main(
-    conn: Connection, env_modules: tuple[str, ...], env_id: str, env_kwargs_json: str
+    conn: Connection,
+    env_modules: tuple[str, ...],
+    env_id: str,
+    env_kwargs_json: str,
+    warm: bool = False,
 ) -> None:
-    """Entry point of a session worker: build the env, then serve calls until close or EOF."""
+    """Entry point of a session worker: build the env, then serve calls until close or EOF.
+
+    A ``warm`` worker also warms its env up (:func:`_warm_up`) before it reports ready, then
+    waits, unowned, until the pool hands it to a session (``serving/warm.py``).
+    """
     # Env code runs here: it gets no bearer token, and neither does anything it starts.
     os.environ.pop(TOKEN_ENV_VAR, None)
     # Ctrl-C reaches the whole process group; the server closes its workers in order itself.
@@ -198,6 +236,8 @@ def worker_main(
 
             _import_modules(env_modules)
             env = gymnasium.make(env_id, **json.loads(env_kwargs_json))
+            if warm:
+                _warm_up(env)
             conn.send_bytes(_encode(["ok", _describe_env(env)]))
         except Exception as exc:
             conn.send_bytes(_encode(_error_reply(exc)))

@@ -28,6 +28,23 @@ def test_isolation_weakening_kwargs_stay_pinned():
     }
 
 
+def test_an_operators_pins_add_to_the_isolation_pins_never_replace_them():
+    """A config that pins AppWorld's `root` (as every AppWorld service does) must not hand the
+    choice of `python` or `server_urls` to clients; pinned values of its own are kept."""
+    settings = ServeSettings(
+        pinned_env_kwargs={
+            "eprl/AppWorld-v0": {"root": "/data/appworld"},
+            "eprl/CodeExec-v0": {"max_turns": 3},
+        }
+    )
+    assert settings.pinned_kwargs("eprl/AppWorld-v0") == {
+        "python": None,
+        "root": "/data/appworld",
+        "server_urls": None,
+    }
+    assert settings.pinned_kwargs("eprl/CodeExec-v0") == {"sandbox": None, "max_turns": 3}
+
+
 def _report_environment(conn) -> None:
     with open("/proc/self/environ", "rb") as handle:
         initial = handle.read()

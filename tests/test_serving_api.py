@@ -188,6 +188,11 @@ def test_session_routes_and_errors(service):
         state = http.get(f"/v1/sessions/{sid}").json()
         assert (state["episodes"], state["steps"], state["turn"]) == (1, 1, 1)
         assert state["task_id"] == reset["info"]["task_id"]
+        # CodeExec cannot grade a cut episode: said so, nothing invented
+        cut = http.post(f"/v1/sessions/{sid}/truncate", json={"reason": "max_turns"}).json()
+        assert cut == {"graded": False, "reward": 0.0, "info": {}}
+        bad = http.post(f"/v1/sessions/{sid}/truncate", json={"reason": "Not A Reason"})
+        assert "body.reason" in error_of(bad, 422, "invalid_request")["detail"]
 
         # every client error is a 4xx JSON body naming the problem
         body = error_of(
@@ -196,6 +201,9 @@ def test_session_routes_and_errors(service):
             "body_too_large",
         )
         assert "65536 bytes" in body["detail"]
+        chunks = (b"x" * 8192 for _ in range(9))  # no Content-Length: caught while reading
+        chunked = http.post(f"/v1/sessions/{sid}/step", content=chunks)
+        assert error_of(chunked, 413, "body_too_large")["detail"] == body["detail"]
         body = error_of(http.post(f"/v1/sessions/{sid}/step", json={}), 422, "invalid_request")
         assert "body.action" in body["detail"]
         error_of(http.post(f"/v1/sessions/{sid}/step", json={"action": 7}), 422, "invalid_request")

@@ -58,5 +58,15 @@ def test_remote_appworld_episode(appworld_root, tmp_path):
             f"```python\n{solution}\nsolution(apis, requester)\n```"
         )
         assert (reward, terminated, truncated, info["success"]) == (1.0, True, False, True)
+
+        # an episode the client cuts is still graded, remotely: the tests on the last state
+        remote.reset(seed=1, options={"task_id": task_id})
+        remote.step("```python\nprint(apis.api_docs.show_app_descriptions())\n```")
+        reward, info = remote.unwrapped.truncate("max_turns")
+        assert info["truncation_reason"] == "max_turns" and not info["success"]
+        assert info["tests_total"] >= 1 and info["tests_passed"] < info["tests_total"]
+        assert reward == pytest.approx(info["tests_passed"] / info["tests_total"])
+        with pytest.raises(Exception, match="reset"):
+            remote.step("```python\nprint(1)\n```")  # that episode is over
         remote.close()
     local.close()

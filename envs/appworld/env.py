@@ -269,6 +269,12 @@ class AppWorldEnv(gym.Env):
             self._lease.runtime = shared_runtime(**self._runtime_config)
         return self._lease.runtime
 
+    def warm(self) -> None:
+        """Start the server the first episode will run on and wait until it answers, so the
+        first ``reset`` pays no cold start; the service's warm sessions call it
+        (``serving/warm.py``). Nothing to do with ``server_urls`` or a server already idle."""
+        self.runtime.prestart()
+
     # ------------------------------------------------------------------ gymnasium API
 
     def reset(

@@ -257,12 +257,7 @@ class AppWorldRuntime:
                 "evaluate", timeout_s=timeout_s, task_id=task_id, suppress_errors=True
             )
         inbox = self.workdir / "inbox"
-        with self._condition:
-            if self._evaluator["evaluator"] is None:
-                self._evaluator["evaluator"] = sealed.Evaluator(
-                    self.root, self.python, inbox, self.bwrap, self.workdir / "logs" / "eval.log"
-                )
-            evaluator = self._evaluator["evaluator"]
+        evaluator = self._sealed_evaluator()
         try:
             sealed.collect_saved_state(server.directory, inbox, task_id, experiment_name)
             return evaluator.evaluate(task_id, experiment_name, timeout_s)
@@ -272,6 +267,19 @@ class AppWorldRuntime:
             ) from error
         finally:
             shutil.rmtree(inbox / "experiments" / "outputs" / experiment_name, ignore_errors=True)
+
+    def _sealed_evaluator(self) -> sealed.Evaluator:
+        """The runtime's one evaluator (made on first use; its process starts on first call)."""
+        with self._condition:
+            if self._evaluator["evaluator"] is None:
+                self._evaluator["evaluator"] = sealed.Evaluator(
+                    self.root,
+                    self.python,
+                    self.workdir / "inbox",
+                    self.bwrap,
+                    self.workdir / "logs" / "eval.log",
+                )
+            return self._evaluator["evaluator"]
 
     def close(self) -> None:
         """Stop every server this runtime started and remove its work directory. Idempotent."""
@@ -374,11 +382,34 @@ class AppWorldRuntime:
     def _refill(self) -> None:
         threading.Thread(target=self._start_spare, daemon=True).start()
 
-    def _start_spare(self) -> None:
+    def prestart(self) -> bool:
+        """Start a server for the next episode now and return once it answers (True), so the
+        next ``acquire`` takes it at once; False when one is already idle or the pool is full.
+
+        What a warm service session calls before any client asks for it (``serving/warm.py``):
+        the cold start (sandbox, AppWorld import) is then paid before the session exists, and
+        so is the evaluator's, which would otherwise start at the end of the first episode.
+        Errors propagate, unlike the background spare's. URLs are never started: False.
+        """
+        if self.server_urls:
+            return False
+        with self._condition:
+            if self._closed:
+                raise AppWorldRuntimeError(f"{self} is closed")
+            if self._idle or self._n_servers >= self._capacity:
+                return False
+        started = self._start_spare(raise_errors=True)
+        try:
+            self._sealed_evaluator().start(timeout_s=self.start_timeout_s)
+        except (OSError, RuntimeError) as error:
+            raise AppWorldRuntimeError(f"the AppWorld evaluator did not start: {error}") from error
+        return started
+
+    def _start_spare(self, raise_errors: bool = False) -> bool:
         """Start a server for the next episode while nobody waits for it (in a thread)."""
         with self._condition:
             if self._closed or self._n_servers >= self._capacity:
-                return
+                return False
             self._n_servers += 1
             self._spares_starting += 1
         try:
@@ -389,7 +420,9 @@ class AppWorldRuntime:
                 self._n_servers -= 1
                 self._spares_starting -= 1
                 self._condition.notify_all()
-            return
+            if raise_errors:
+                raise
+            return False
         with self._condition:
             self._spares_starting -= 1
             doomed = self._forget(server) if self._closed else None
@@ -398,6 +431,9 @@ class AppWorldRuntime:
             self._condition.notify_all()
         if doomed is not None:
             kill_process_groups([doomed])
+            if raise_errors:
+                raise AppWorldRuntimeError(f"{self} was closed while a server was starting")
+        return doomed is None
 
     # ------------------------------------------------------------ sharing between environments
 

@@ -249,6 +249,14 @@ class Evaluator:
         self._lock = threading.Lock()
         self._buffer = b""
 
+    def start(self, timeout_s: float) -> None:
+        """Start the evaluator now (it loads AppWorld, seconds) rather than at the end of the
+        first episode; nothing to do while it runs. RuntimeError when it does not come up."""
+        with self._lock:
+            if self.process is None or self.process.poll() is not None:
+                self._start()
+                self._read(time.monotonic() + timeout_s)  # the ready line
+
     def evaluate(self, task_id: str, experiment_name: str, timeout_s: float) -> dict:
         """AppWorld's test report of the saved state in the inbox; RuntimeError on failure."""
         with self._lock:
