@@ -83,3 +83,25 @@ def test_plain_http_gets_no_answer_from_the_tls_port(tls):
     verify = ssl.create_default_context(cafile=files["ca_file"])
     assert httpx.get(f"{service.url}/healthz", verify=verify, timeout=10).status_code == 200
     assert TOKEN not in service.log()
+
+
+def test_the_trainers_env_factory_verifies_by_env_ca_file(tls, monkeypatch):
+    """``env.urls`` + ``env.ca_file`` in a run config: what ``eprl train`` uses for remote envs."""
+    from trainer.config import load_config
+    from trainer.tasks import make_env_factory
+
+    service, files = tls
+    monkeypatch.delenv(CA_FILE_ENV_VAR, raising=False)
+    monkeypatch.setenv("EPRL_TEST_TLS_TOKEN", TOKEN)
+    overrides = [f"env.id={CODEEXEC}", f"env.urls=[{service.url}]"]
+    overrides.append("env.token_env=EPRL_TEST_TLS_TOKEN")
+    unverified = make_env_factory(load_config(None, [*overrides, "env.kwargs.max_turns=2"]))
+    with pytest.raises(RemoteEnvError, match="CERTIFICATE_VERIFY_FAILED"):
+        unverified().reset(seed=0)  # without the CA file: the system's trust store refuses it
+    cfg = load_config(None, [*overrides, f"env.ca_file={files['ca_file']}"])
+    env = make_env_factory(cfg)()
+    try:
+        observation, _ = env.reset(seed=0)
+        assert "python" in observation.lower()
+    finally:
+        env.close()

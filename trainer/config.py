@@ -12,6 +12,7 @@ object (round trip).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,9 @@ class EnvConfig(_Section):
     # remote environment service replicas; empty -> environments run in this process
     urls: list[str] = Field(default_factory=list)
     token_env: str = TOKEN_ENV_VAR
+    # a CA bundle that verifies the service's TLS certificate (a private CA, a self-signed
+    # one); None: $EPRL_CA_FILE if set, else the system's trust store
+    ca_file: str | None = None
 
 
 class RolloutConfig(_Section):
@@ -371,6 +375,28 @@ def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
+_PARSERS = {"YAML": (yaml.safe_load, yaml.YAMLError), "JSON": (json.loads, json.JSONDecodeError)}
+
+
+def read_data_file(
+    path: str | os.PathLike[str],
+    what: str,
+    language: Literal["YAML", "JSON"],
+    error: type[Exception] = ConfigError,
+) -> Any:
+    """What a YAML or JSON file that a user named holds; ``error`` naming the file when it is
+    missing or does not parse, worded alike for every such file (``what``: "config file",
+    "result file", ...). Checking the content's shape is the caller's."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {str(p)!r} does not exist")
+    parse, parse_error = _PARSERS[language]
+    try:
+        return parse(p.read_text())
+    except parse_error as exc:
+        raise error(f"{what} {str(p)!r} is not valid {language}: {exc}") from None
+
+
 def load_config(
     path: str | os.PathLike[str] | None, overrides: list[str] | None = None
 ) -> RunConfig:
@@ -379,12 +405,7 @@ def load_config(
     source = "<defaults>"
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+        loaded = read_data_file(p, "config file", "YAML")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(
                 f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}"

@@ -21,8 +21,9 @@ def make_env_factory(cfg: RunConfig, extra_kwargs: dict | None = None) -> Callab
     if cfg.env.urls:
         token = os.environ.get(cfg.env.token_env)
         urls = list(cfg.env.urls)
+        remote = {"token": token, "ca_file": cfg.env.ca_file}
         return lambda: gymnasium.make(
-            "eprl/Remote-v0", url=urls, env_id=cfg.env.id, env_kwargs=kwargs, token=token
+            "eprl/Remote-v0", url=urls, env_id=cfg.env.id, env_kwargs=kwargs, **remote
         )
     return lambda: gymnasium.make(cfg.env.id, **kwargs)
 
