@@ -9,6 +9,8 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -30,6 +32,16 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+@contextmanager
+def _bad_input_exits() -> Iterator[None]:
+    """Bad input (a ValueError naming the value) ends a command with its message on stderr and
+    exit status 2, not a traceback."""
+    try:
+        yield
+    except ValueError as exc:
+        _fail(exc)
+
+
 @app.command()
 def train(
     config: Annotated[
@@ -43,10 +55,8 @@ def train(
     """Train a policy: rollouts -> advantages -> objective -> updates -> checkpoints."""
     from trainer.loop import train_from_cli as run
 
-    try:
+    with _bad_input_exits():
         run(config, overrides or [], resume)
-    except ValueError as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -69,7 +79,7 @@ def demo(
     from trainer.config import load_config
     from trainer.demo import run_demo, run_seeds
 
-    try:
+    with _bad_input_exits():
         if seeds < 1 or num_tasks < 1 or k < 1:
             raise ValueError(
                 f"--seeds, --num-tasks and --k must be >= 1, got {seeds}, {num_tasks}, {k}"
@@ -86,8 +96,6 @@ def demo(
             k,
             overrides or [],
         )
-    except ValueError as exc:
-        _fail(exc)
 
 
 # vLLM engine knobs of `eprl eval` / `eprl rollout` (policy.vllm.*; unset: its defaults)
@@ -160,7 +168,7 @@ def evaluate(
         _fail(ValueError(f"unexpected arguments {results}; result files go with --compare"))
     elif model is None:
         _fail(ValueError("--model is required (a checkpoint folder, model name or URL)"))
-    try:
+    with _bad_input_exits():
         from agent.cli import vllm_options
 
         vllm = vllm_options(tensor_parallel_size, gpu_memory_utilization, dtype, max_model_len)
@@ -178,8 +186,6 @@ def evaluate(
             resamples=resamples,
             vllm=vllm,
         )
-    except ValueError as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -205,7 +211,7 @@ def rollout(
     from agent.cli import rollout_cli as run
     from agent.cli import vllm_options
 
-    try:
+    with _bad_input_exits():
         vllm = vllm_options(tensor_parallel_size, gpu_memory_utilization, dtype, max_model_len)
         run(
             model=model,
@@ -222,8 +228,6 @@ def rollout(
             seed=seed,
             vllm=vllm,
         )
-    except ValueError as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -254,7 +258,7 @@ def serve(
     from serving.app import serve as run
     from serving.config import parse_sets
 
-    try:
+    with _bad_input_exits():
         overrides = parse_sets(set_ or [])
         flags = {
             "host": host,
@@ -267,8 +271,6 @@ def serve(
             "log_level": log_level,
         }
         run(config=config, **{**overrides, **{k: v for k, v in flags.items() if v is not None}})
-    except ValueError as exc:
-        _fail(exc)
 
 
 @app.command()

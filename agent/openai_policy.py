@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from agent.policy import Generation
+from agent.policy import Generation, finish_reason
 
 
 class OpenAIPolicy:
@@ -104,9 +104,7 @@ class OpenAIPolicy:
             )
         choice = response.json()["choices"][0]
         ids, logprobs = self._tokens(choice)
-        reason = {"length": "length"}.get(choice.get("finish_reason"), "eos")
-        if isinstance(choice.get("stop_reason"), str):
-            reason = "stop"
+        reason = finish_reason(choice.get("finish_reason"), choice.get("stop_reason"))
         return Generation(ids, logprobs, reason)
 
     def _tokens(self, choice: dict) -> tuple[list[int], list[float]]:

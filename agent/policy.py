@@ -31,6 +31,15 @@ class Generation:
     finish_reason: str  # "stop" (a stop string), "eos", or "length" (the token cap)
 
 
+def finish_reason(engine_reason: str | None, stop_reason: object) -> str:
+    """Our ``finish_reason`` from vLLM's pair (the same in its engine and OpenAI server output):
+    a string ``stop_reason`` is the stop string that ended the turn; otherwise ``"length"`` is
+    the token cap, and anything else (an EOS or stop token id) ends as ``"eos"``."""
+    if isinstance(stop_reason, str):
+        return "stop"
+    return "length" if engine_reason == "length" else "eos"
+
+
 class Policy(Protocol):
     tokenizer: object
 

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from agent.policy import Generation
+from agent.policy import Generation, finish_reason
 from agent.weight_sync import engine_stream, shm_folder, write_shards
 
 log = logging.getLogger("eprl.vllm")
@@ -149,12 +149,7 @@ class VLLMPolicy:
             logprobs = [
                 step[token].logprob for token, step in zip(ids, sample.logprobs, strict=True)
             ]
-            if sample.finish_reason == "length":
-                reason = "length"
-            elif isinstance(sample.stop_reason, str):
-                reason = "stop"
-            else:
-                reason = "eos"
+            reason = finish_reason(sample.finish_reason, sample.stop_reason)
             results.append(Generation(ids, logprobs, reason))
         return results
 

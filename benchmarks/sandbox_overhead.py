@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -32,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _bench_util import machine  # noqa: E402
+
 from envs.sandbox import (  # noqa: E402
     DRIVER_SOURCE,
     PythonSandbox,
@@ -41,6 +42,7 @@ from envs.sandbox import (  # noqa: E402
 )
 
 CELLS = {"pass": "pass", "workload": "sum(i * i for i in range(20000))"}
+PEER = "plain subprocess (peer)"
 HEADER = struct.Struct(">I")
 
 
@@ -75,17 +77,25 @@ def time_cells(repl, code: str, cells: int) -> float:
     return (time.perf_counter() - start) / cells
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {mem_gib:.0f} GiB RAM, {platform.platform()}"
+def ratio_table(
+    samples: dict[tuple[str, str], list[float]], kinds: list[str], unit: str, digits: int, rate: str
+) -> list[str]:
+    """Markdown rows per cell and kind: median ms per ``unit``, ``unit``s per second, and the
+    overhead and ratio against the peer's median on the same cell (the peer runs in the same
+    interleaved loop, so load moves both)."""
+    lines = [
+        f"| cell | kind | ms per {unit} | {unit}s/s | overhead vs peer (ms) | ratio vs peer |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for cell_name, code in CELLS.items():
+        base = statistics.median(samples[(PEER, cell_name)]) * 1000
+        for kind in kinds:
+            ms = statistics.median(samples[(kind, cell_name)]) * 1000
+            lines.append(
+                f"| `{code}` | {kind} | {ms:.{digits}f} | {1000 / ms:{rate}} | "
+                f"{ms - base:+.{digits}f} | {ms / base:.2f} |"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     repls = {
         "bwrap sandbox": PythonSandbox(SandboxConfig(mode="bwrap", cpu_seconds=600)),
         "rlimits-only sandbox": PythonSandbox(SandboxConfig(mode="rlimits-only", cpu_seconds=600)),
-        "plain subprocess (peer)": PlainRepl(python),
+        PEER: PlainRepl(python),
     }
     per_cell: dict[tuple[str, str], list[float]] = {}
     try:
@@ -127,24 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     # one-shot: fresh bwrap sandbox per run vs `python -c`
     one_shot: dict[tuple[str, str], list[float]] = {}
     config = SandboxConfig(mode="bwrap")
+
+    def fresh_sandbox(code: str) -> None:
+        assert run_once(code, config).ok
+
+    def plain_process(code: str) -> None:
+        subprocess.run([python, "-I", "-S", "-c", code], check=True)
+
+    one_shot_kinds = {"fresh bwrap sandbox": fresh_sandbox, PEER: plain_process}
     for _ in range(args.runs):
         for cell_name, code in CELLS.items():
-            start = time.perf_counter()
-            assert run_once(code, config).ok
-            one_shot.setdefault(("fresh bwrap sandbox", cell_name), []).append(
-                time.perf_counter() - start
-            )
-            start = time.perf_counter()
-            subprocess.run([python, "-I", "-S", "-c", code], check=True)
-            one_shot.setdefault(("plain subprocess (peer)", cell_name), []).append(
-                time.perf_counter() - start
-            )
+            for kind, run in one_shot_kinds.items():
+                start = time.perf_counter()
+                run(code)
+                one_shot.setdefault((kind, cell_name), []).append(time.perf_counter() - start)
     load_after = os.getloadavg()[0]
 
-    def median_ms(samples: dict, key: tuple) -> float:
-        return statistics.median(samples[key]) * 1000
-
-    peer = "plain subprocess (peer)"
     lines = [
         "# Sandbox overhead: sandboxed Python vs plain subprocesses",
         "",
@@ -159,33 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Persistent REPL (one session, many cells)",
         "",
-        "| cell | kind | ms per cell | cells/s | overhead vs peer (ms) | ratio vs peer |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for cell_name, code in CELLS.items():
-        base = median_ms(per_cell, (peer, cell_name))
-        for kind in repls:
-            ms = median_ms(per_cell, (kind, cell_name))
-            lines.append(
-                f"| `{code}` | {kind} | {ms:.3f} | {1000 / ms:,.0f} | {ms - base:+.3f} | "
-                f"{ms / base:.2f} |"
-            )
-    lines += [
+        *ratio_table(per_cell, list(repls), "cell", digits=3, rate=",.0f"),
         "",
         "## One-shot (fresh process per run: start, run, exit or kill)",
         "",
-        "| cell | kind | ms per run | runs/s | overhead vs peer (ms) | ratio vs peer |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for cell_name, code in CELLS.items():
-        base = median_ms(one_shot, (peer, cell_name))
-        for kind in ("fresh bwrap sandbox", peer):
-            ms = median_ms(one_shot, (kind, cell_name))
-            lines.append(
-                f"| `{code}` | {kind} | {ms:.1f} | {1000 / ms:.1f} | {ms - base:+.1f} | "
-                f"{ms / base:.2f} |"
-            )
-    lines += [
+        *ratio_table(one_shot, list(one_shot_kinds), "run", digits=1, rate=".1f"),
         "",
         "The persistent peer runs the same driver (length-prefixed messages over pipes, output",
         "capture thread) without bwrap, rlimits or the uid drop, so its difference to the",

@@ -239,11 +239,9 @@ def result_of(records, model, k=2):
     }
 
 
-def test_compare_table_side_by_side(tmp_path, hand_records, capsys):
-    a, b = tmp_path / "base.json", tmp_path / "trained.json"
-    a.write_text(json.dumps(result_of(hand_records[:2], "base")))
-    b.write_text(json.dumps(result_of(hand_records, "trained")))
-    table = evaluate_cli(
+def compare_files(*paths):
+    """`eprl eval --compare PATHS...`: the model, env and sampling arguments go unused."""
+    return evaluate_cli(
         model="unused",
         env="unused",
         split="unused",
@@ -252,8 +250,15 @@ def test_compare_table_side_by_side(tmp_path, hand_records, capsys):
         out=None,
         num_tasks=None,
         env_kwargs=None,
-        compare=[str(a), str(b)],
+        compare=[str(path) for path in paths],
     )
+
+
+def test_compare_table_side_by_side(tmp_path, hand_records, capsys):
+    a, b = tmp_path / "base.json", tmp_path / "trained.json"
+    a.write_text(json.dumps(result_of(hand_records[:2], "base")))
+    b.write_text(json.dumps(result_of(hand_records, "trained")))
+    table = compare_files(a, b)
     lines = table.splitlines()
     assert lines[0] == "| | base | trained |"
     assert "| model | base | trained |" in lines
@@ -264,17 +269,7 @@ def test_compare_table_side_by_side(tmp_path, hand_records, capsys):
     printed = capsys.readouterr().out
     assert "base" in printed and "trained" in printed and "0.250" in printed
     with pytest.raises(ValueError, match="does not exist"):
-        evaluate_cli(
-            model="m",
-            env="e",
-            split="s",
-            k=1,
-            backend="hf",
-            out=None,
-            num_tasks=None,
-            env_kwargs=None,
-            compare=[str(a), str(tmp_path / "missing.json")],
-        )
+        compare_files(a, tmp_path / "missing.json")
 
 
 def test_compare_with_different_k_keeps_both_pass_at_k_rows(hand_records):

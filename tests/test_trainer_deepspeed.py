@@ -1,13 +1,12 @@
 """DeepSpeed for real: ZeRO-2 with 2 gloo processes on CPU against the torch learner."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ds_launch import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,25 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 def run_deepspeed(
     model_dir, out, zero_stage=2, dtype="float32", nproc=2, lora="none", shard="even"
 ):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(29500 + os.getpid() % 1000),
-        str(REPO / "tests" / "ds_worker.py"),
-        model_dir,
-        str(out),
-        str(zero_stage),
-        dtype,
-        lora,
-        shard,
-    ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    args = (model_dir, str(out), str(zero_stage), dtype, lora, shard)
+    run_ranks(REPO / "tests" / "ds_worker.py", *args, nproc=nproc, timeout=600)
     return json.loads(Path(out).read_text())
 
 

@@ -2,13 +2,11 @@
 GPU machine), and a whole `eprl train` under 2 gloo ranks with the DeepSpeed learner."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ds_launch import run_ranks
 
 from trainer.config import load_config
 from trainer.distributed import (
@@ -132,22 +130,13 @@ def test_eprl_train_on_two_deepspeed_ranks_writes_one_run(tiny_model_dir, tmp_pa
         "objective.overlong_filter": False,
         "objective.target_entropy_tasks": 0,
     }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(30500 + os.getpid() % 1000),
-        str(REPO / "eprl.py"),
+    run_ranks(
+        REPO / "eprl.py",
         "train",
         str(REPO / "configs" / "quickstart.yaml"),
         *(f"{key}={value}" for key, value in overrides.items()),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=560)
-    assert done.returncode == 0, done.stderr[-4000:]
+        timeout=560,
+    )
     run_dir = tmp_path / "run"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2]  # one writer: no row twice

@@ -4,37 +4,20 @@ the same global batch, per tensor and for every tensor, whether the ranks hold t
 unevenly (3 rows against 1) or one rank holds nothing; then the weights after three plain-SGD
 steps and the streamed export equal the torch learner's too."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ds_launch import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
 
 
 def run_worker(model_dir, out, zero_stage, options=""):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(31500 + (os.getpid() + zero_stage) % 1000),
-        str(REPO / "tests" / "ds_worker.py"),
-        "grads",
-        model_dir,
-        str(out),
-        str(zero_stage),
-        options,
-    ]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
-    assert done.returncode == 0, done.stderr[-4000:]
+    """``tests/ds_worker.py grads`` on 2 ranks: what rank 0 saved to ``out``."""
+    script = REPO / "tests" / "ds_worker.py"
+    run_ranks(script, "grads", model_dir, str(out), str(zero_stage), options, timeout=540)
     return torch.load(out, weights_only=False)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ds_launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("loss/total", "grad/norm", "repo/zeta", "adapo/eps_high", "reward/mean")
@@ -107,8 +108,7 @@ def test_two_rank_deepspeed_run_killed_and_resumed_equals_the_uninterrupted_run(
 
     model = str(tmp_path / "peaked")
     peaked_copy(tiny_model_dir, model)
-    port = 32500 + os.getpid() % 500
-    run(overrides(model, tmp_path / "straight"), port)
+    run(overrides(model, tmp_path / "straight"), free_port())
     straight_dir = tmp_path / "straight" / "run"
     straight = rows(straight_dir)
     assert [r["step"] for r in straight] == [1, 2, 3]
@@ -125,7 +125,7 @@ def test_two_rank_deepspeed_run_killed_and_resumed_equals_the_uninterrupted_run(
     # killed (the launcher and both ranks, SIGKILL) once step 1's checkpoint is complete
     killed_dir = tmp_path / "killed" / "run"
     proc = subprocess.Popen(
-        command(overrides(model, tmp_path / "killed"), port + 1),
+        command(overrides(model, tmp_path / "killed"), free_port()),
         cwd=REPO,
         env=environment(),
         stdout=subprocess.DEVNULL,
@@ -146,7 +146,7 @@ def test_two_rank_deepspeed_run_killed_and_resumed_equals_the_uninterrupted_run(
     lost_dir = tmp_path / "lost" / "run"
     shutil.copytree(killed_dir, lost_dir)
 
-    run(["--resume", str(killed_dir)], port + 2)
+    run(["--resume", str(killed_dir)], free_port())
     resumed = rows(killed_dir)
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for a, b in zip(straight, resumed, strict=True):
@@ -158,6 +158,6 @@ def test_two_rank_deepspeed_run_killed_and_resumed_equals_the_uninterrupted_run(
 
     # without the engine's optimizer state AdamW restarts its moments: the run diverges
     shutil.rmtree(lost_dir / "checkpoints" / resumed_from.name / "deepspeed")
-    run(["--resume", str(lost_dir)], port + 3)
+    run(["--resume", str(lost_dir)], free_port())
     lost = final_weights(lost_dir)
     assert not all(torch.equal(weights[k], lost[k]) for k in weights)

@@ -238,12 +238,23 @@ def _weights(trainer):
     return {n: t.clone() for n, t in trainer.learner.named_weights()}
 
 
+def set_up_trainer(model_dir, tmp_path, **extra):
+    """The quick-start config with :func:`tiny_overrides` and ``extra``, and a set-up
+    :class:`Trainer` on it writing to ``tmp_path / "run"`` (the caller cleans it up)."""
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml", tiny_overrides(model_dir, tmp_path, **extra)
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    return cfg, trainer
+
+
 @pytest.mark.parametrize("skip", [True, False])
 def test_a_batch_without_signal_makes_no_update(tiny_model_dir, tmp_path, skip):
     """After a step with signal, a batch whose advantages are all 0 leaves the weights, the
     optimizer and zeta as they were (train/no_signal 1); without trainer.skip_no_signal AdamW
     moves the weights on that zero gradient along its momentum."""
-    overrides = tiny_overrides(
+    _, trainer = set_up_trainer(
         tiny_model_dir,
         tmp_path,
         **{
@@ -254,9 +265,6 @@ def test_a_batch_without_signal_makes_no_update(tiny_model_dir, tmp_path, skip):
             "eval.at_start": False,
         },
     )
-    cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides)
-    trainer = Trainer(cfg, tmp_path / "run")
-    trainer.setup()
     try:
         SwitchRewardEnv.constant = None
         trainer.step = 1
@@ -285,7 +293,7 @@ def test_overlong_filter_leaves_truncated_episodes_out_of_the_loss(tiny_model_di
     baseline but are not trained on; a batch cut entirely makes no update."""
     from trainer.episodes import cut_at_cap
 
-    overrides = tiny_overrides(
+    _, trainer = set_up_trainer(
         tiny_model_dir,
         tmp_path,
         **{
@@ -296,9 +304,6 @@ def test_overlong_filter_leaves_truncated_episodes_out_of_the_loss(tiny_model_di
             "eval.at_start": False,
         },
     )
-    cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides)
-    trainer = Trainer(cfg, tmp_path / "run")
-    trainer.setup()
     try:
         episodes = trainer._rollout(trainer.train_tasks[:2], seed=3)
         assert all(cut_at_cap(ep) for ep in episodes)
@@ -328,12 +333,7 @@ def test_kl_penalty_is_zero_at_the_reference_and_grows_after_an_update(tiny_mode
     from agent.models import load_model
     from trainer.learner import TorchLearner, collate
 
-    cfg = load_config(
-        REPO / "configs" / "quickstart.yaml",
-        tiny_overrides(tiny_model_dir, tmp_path, **{"trainer.lr": 1e-2}),
-    )
-    trainer = Trainer(cfg, tmp_path / "run")
-    trainer.setup()
+    cfg, trainer = set_up_trainer(tiny_model_dir, tmp_path, **{"trainer.lr": 1e-2})
     episodes = trainer._runner(2).run(trainer.train_tasks[:2])
     trainer.cleanup()
     batch = collate(episodes, torch.tensor([1.0, -1.0, 0.5, -0.5]), trainer.tokenizer.pad_token_id)
@@ -448,12 +448,7 @@ def test_weight_push_makes_policy_logprobs_equal_the_learners(tiny_model_dir, tm
     from agent.policy import HFPolicy
     from trainer.learner import collate
 
-    cfg = load_config(
-        REPO / "configs" / "quickstart.yaml",
-        tiny_overrides(tiny_model_dir, tmp_path, **{"trainer.lr": 1e-2}),
-    )
-    trainer = Trainer(cfg, tmp_path / "run")
-    trainer.setup()
+    _, trainer = set_up_trainer(tiny_model_dir, tmp_path, **{"trainer.lr": 1e-2})
     episodes = trainer._runner(2).run(trainer.train_tasks[:2])
     batch = collate(episodes, torch.tensor([1.0, -1.0, 0.5, -0.5]), trainer.tokenizer.pad_token_id)
     batch.old_logprobs, _ = trainer.learner.logprobs(batch)
@@ -481,12 +476,7 @@ def test_weight_push_makes_policy_logprobs_equal_the_learners(tiny_model_dir, tm
 def test_step_larger_than_max_parallel_episodes_rolls_out_in_parts(tiny_model_dir, tmp_path):
     """A step of 3 tasks x K=2 with at most 4 episodes at once (AppWorld's server pool is such a
     bound) runs in parts, keeps every group's label and gets the seeds an unsplit step gets."""
-    cfg = load_config(
-        REPO / "configs" / "quickstart.yaml",
-        tiny_overrides(tiny_model_dir, tmp_path, **{"rollout.max_parallel_episodes": 4}),
-    )
-    trainer = Trainer(cfg, tmp_path / "run")
-    trainer.setup()
+    _, trainer = set_up_trainer(tiny_model_dir, tmp_path, **{"rollout.max_parallel_episodes": 4})
     calls = []
     runner_factory = trainer._runner
 
@@ -523,11 +513,7 @@ def test_single_update_reads_old_logprobs_off_its_own_forward(tiny_model_dir, tm
         "trainer.mini_batches": 1,
         "objective.old_logprobs": "learner",
     }
-    cfg = load_config(
-        REPO / "configs" / "quickstart.yaml", tiny_overrides(tiny_model_dir, tmp_path, **overrides)
-    )
-    trainer = Trainer(cfg, tmp_path / "run")
-    trainer.setup()
+    cfg, trainer = set_up_trainer(tiny_model_dir, tmp_path, **overrides)
     episodes = trainer._runner(2).run(trainer.train_tasks[:2])
     trainer.cleanup()
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])

@@ -2,13 +2,12 @@
 the step equals the torch learner's with the plain padded forward, row by row."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ds_launch import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,21 +23,7 @@ def test_zero2_with_shared_prefix_matches_the_unshared_torch_learner(tiny_model_
     from ds_packing_worker import K, packing_batch
 
     out = tmp_path / "ds.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(30500 + os.getpid() % 1000),
-        str(REPO / "tests" / "ds_packing_worker.py"),
-        tiny_model_dir,
-        str(out),
-    ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_ranks(REPO / "tests" / "ds_packing_worker.py", tiny_model_dir, str(out), timeout=600)
     ds = json.loads(out.read_text())
     assert ds["world"] == 2 and ds["layout"] == "packed"
     assert ds["shared_total"] > 0  # both ranks computed their group's prompt once

@@ -31,13 +31,14 @@ def _bf16_head(batch=2, tokens=64, dim=128, vocab=2000, seed=0):
     return hidden, weight, targets
 
 
-def test_fp32_path_matches_float64_within_1e5_and_bf16_is_orders_of_magnitude_worse():
-    hidden, weight, targets = _bf16_head()
+def _errors_against_float64(hidden, weight, targets, dtypes):
+    """Per loss dtype, the largest absolute error of the chunked path's log-probs and entropies
+    against the float64 reference; every path returns float32 whatever it computes in."""
     ref_logprobs, ref_entropy = reference_logprobs_and_entropy(
         hidden, weight, targets, compute_dtype=torch.float64
     )
     errors = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         logprobs, entropy = token_logprobs_and_entropy(
             hidden, weight, targets, chunk_size=40, compute_dtype=dtype
         )
@@ -46,6 +47,11 @@ def test_fp32_path_matches_float64_within_1e5_and_bf16_is_orders_of_magnitude_wo
             (logprobs.double() - ref_logprobs).abs().max().item(),
             (entropy.double() - ref_entropy).abs().max().item(),
         )
+    return errors
+
+
+def test_fp32_path_matches_float64_within_1e5_and_bf16_is_orders_of_magnitude_worse():
+    errors = _errors_against_float64(*_bf16_head(), (torch.float32, torch.bfloat16))
     fp32_logprob_error, fp32_entropy_error = errors[torch.float32]
     bf16_logprob_error, bf16_entropy_error = errors[torch.bfloat16]
     assert fp32_logprob_error < 1e-5 and fp32_entropy_error < 1e-5
@@ -216,18 +222,10 @@ def test_fp16_path_error_is_bounded_and_between_fp32_and_bf16():
     within 2 % of float64's even for per-token gradients of 1e-5 (fp16's normal range ends at
     6e-5: unscaled, most of them would flush to zero)."""
     hidden, weight, targets = _bf16_head()
-    ref_logprobs, _ = reference_logprobs_and_entropy(
-        hidden, weight, targets, compute_dtype=torch.float64
-    )
-    errors = {}
-    for dtype in (torch.float16, torch.bfloat16):
-        logprobs, _ = token_logprobs_and_entropy(
-            hidden, weight, targets, chunk_size=40, compute_dtype=dtype
-        )
-        assert logprobs.dtype == torch.float32
-        errors[dtype] = (logprobs.double() - ref_logprobs).abs().max().item()
-    assert errors[torch.float16] < 2e-2
-    assert errors[torch.bfloat16] > 4 * errors[torch.float16]
+    errors = _errors_against_float64(hidden, weight, targets, (torch.float16, torch.bfloat16))
+    fp16_logprob_error, bf16_logprob_error = errors[torch.float16][0], errors[torch.bfloat16][0]
+    assert fp16_logprob_error < 2e-2
+    assert bf16_logprob_error > 4 * fp16_logprob_error
     assert loss_compute_dtype(PrecisionConfig(loss="fp16")) == torch.float16
 
     upstream = torch.full(targets.shape, 1e-5, dtype=torch.float64)

@@ -29,20 +29,19 @@ from torch import Tensor, nn
 from trainer.config import RunConfig
 from trainer.distributed import all_reduce, any_rank, is_distributed
 from trainer.learner import (
-    LogprobModel,
     MetricAccumulator,
     TorchLearner,
     TrainBatch,
     enable_gradient_checkpointing,
     export_state,
     hf_model,
+    logprob_model,
     lora_scalings,
     lr_lambda,
     make_optimizer,
     micro_batches,
     micro_weight,
 )
-from trainer.precision import loss_compute_dtype
 
 
 def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> None:
@@ -162,15 +161,7 @@ class DeepSpeedLearner(TorchLearner):
         self.lm = lm if is_partitioned(lm) else lm.to(device=device, dtype=torch.float32)
         enable_gradient_checkpointing(self.lm, cfg)
         # the bf16 engine casts the module; the FP32 path upcasts inside the head, no autocast
-        self.module = LogprobModel(
-            self.lm,
-            loss_compute_dtype(cfg.precision),
-            cfg.precision.chunk_size,
-            None,
-            cfg.policy.temperature,
-            shared_prefix=cfg.trainer.shared_prefix,
-            packing=cfg.trainer.packing,
-        )
+        self.module = logprob_model(self.lm, cfg, None)
         # objective.kl_coef's frozen reference: a full copy per rank (ZeRO-1/2; the config
         # refuses ZeRO-3), in the weights' dtype and outside the engine
         bf16 = cfg.model.dtype == "bfloat16"

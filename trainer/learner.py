@@ -174,9 +174,21 @@ class LogprobModel(nn.Module):
         return zeros.masked_scatter(used, logprobs), zeros.masked_scatter(used, entropy)
 
 
-def layout_options(cfg: RunConfig) -> dict[str, str]:
-    """The forward-layout switches of ``trainer`` as :class:`LogprobModel` keyword arguments."""
-    return {"shared_prefix": cfg.trainer.shared_prefix, "packing": cfg.trainer.packing}
+def logprob_model(
+    lm: nn.Module, cfg: RunConfig, autocast_dtype: torch.dtype | None
+) -> LogprobModel:
+    """``lm`` as every learner computes with it (the trained module and the KL reference, in
+    either learner): the run's loss dtype, chunk size, sampling temperature and forward layout,
+    so that no learner can score tokens differently from another."""
+    return LogprobModel(
+        lm,
+        loss_compute_dtype(cfg.precision),
+        cfg.precision.chunk_size,
+        autocast_dtype,
+        cfg.policy.temperature,
+        shared_prefix=cfg.trainer.shared_prefix,
+        packing=cfg.trainer.packing,
+    )
 
 
 def micro_batches(batch: TrainBatch, size: int) -> Iterator[TrainBatch]:
@@ -228,14 +240,7 @@ class TorchLearner:
         self.lm = lm.to(device=device, dtype=torch.float32)
         enable_gradient_checkpointing(self.lm, cfg)
         autocast = torch.bfloat16 if cfg.model.dtype == "bfloat16" else None
-        self.module = LogprobModel(
-            self.lm,
-            loss_compute_dtype(cfg.precision),
-            cfg.precision.chunk_size,
-            autocast,
-            cfg.policy.temperature,
-            **layout_options(cfg),
-        )
+        self.module = logprob_model(self.lm, cfg, autocast)
         self.reference = self._reference(reference, torch.float32, autocast)
         # what computes (logprobs, entropy): the module here, the DeepSpeed engine in the subclass
         self.forward: nn.Module = self.module
@@ -257,14 +262,7 @@ class TorchLearner:
                 "pass reference= (the trainer loads model.name)"
             )
         model = model.to(device=self.device, dtype=dtype).requires_grad_(False).eval()
-        return LogprobModel(
-            model,
-            loss_compute_dtype(self.cfg.precision),
-            self.cfg.precision.chunk_size,
-            autocast,
-            self.cfg.policy.temperature,
-            **layout_options(self.cfg),
-        )
+        return logprob_model(model, self.cfg, autocast)
 
     def logprobs(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
         """Log-probs and entropies of the batch's loss-mask tokens without gradients (old

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.io import atomic_write_text
+from trainer.config import read_data_file
 from trainer.evaluation.compare import paired_differences, verdict
 from trainer.evaluation.intervals import Bootstrap
 from trainer.evaluation.sidecar import sidecar_path
@@ -231,15 +232,11 @@ def compare_markdown(
 
 
 def load_result(path: str | os.PathLike[str]) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"result file {str(p)!r} does not exist")
-    try:
-        result = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"result file {str(p)!r} is not valid JSON: {exc}") from None
+    result = read_data_file(path, "result file", "JSON", error=ValueError)
     if not isinstance(result, dict) or "metrics" not in result:
-        raise ValueError(f"result file {str(p)!r} is not an `eprl eval` result (no 'metrics')")
+        raise ValueError(
+            f"result file {str(Path(path))!r} is not an `eprl eval` result (no 'metrics')"
+        )
     return result
 
 
