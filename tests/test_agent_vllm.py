@@ -161,7 +161,7 @@ def test_fp32_head_narrows_the_bf16_sampler_learner_gap(engine):
     """bf16 weights on both sides; the same token sequences scored by each vLLM engine (prompt
     log-probs) and by transformers. With the head in fp32 on both sides (vLLM: head_dtype
     float32; learner: bf16 hidden states and head weight cast to fp32) the mean gap is smaller
-    than with bf16 heads on both sides (benchmarks/vllm_head_precision.py prints the numbers)."""
+    than with bf16 heads on both sides (measured by benchmarks/vllm_head_precision.py, results/vllm_head_precision_*.md)."""
     from transformers import AutoModelForCausalLM
 
     from agent.chat import ChatFormat
