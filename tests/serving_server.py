@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from serving.settings import TOKEN_ENV_VAR
 
@@ -218,3 +219,12 @@ def make_tls_files(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localho
     )
     paths["keyfile"].chmod(0o600)
     return {name: str(path) for name, path in paths.items()}
+
+
+def scrape(http) -> dict:
+    """{(sample name, sorted label items): value} from /metrics."""
+    samples = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples

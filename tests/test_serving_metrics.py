@@ -7,8 +7,7 @@ import signal
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from serving_server import running_service
+from serving_server import running_service, scrape
 
 CODEEXEC = "eprl/CodeExec-v0"
 TOKEN = secrets.token_urlsafe(24)
@@ -16,15 +15,6 @@ TOKEN = secrets.token_urlsafe(24)
 
 def fence(code: str) -> str:
     return f"```python\n{code}\n```"
-
-
-def scrape(http) -> dict:
-    """{(sample name, sorted label items): value} from /metrics."""
-    samples = {}
-    for family in text_string_to_metric_families(http.get("/metrics").text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
 
 
 def value(samples: dict, name: str, **labels) -> float:

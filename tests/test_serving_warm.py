@@ -17,8 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 from appworld_helpers import APPWORLD_MARKS
-from prometheus_client.parser import text_string_to_metric_families
-from serving_server import is_alive, running_service, stop_service
+from serving_server import is_alive, running_service, scrape, stop_service
 
 import envs  # noqa: F401  (registers the ids)
 from serving.app import create_app
@@ -148,14 +147,6 @@ def service(appworld_root, tmp_path_factory):
         warm_env_kwargs={APPWORLD: WARM_KWARGS},
     ) as running:
         yield running
-
-
-def scrape(http) -> dict:
-    samples = {}
-    for family in text_string_to_metric_families(http.get("/metrics").text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
 
 
 def metric(http, name: str, **labels) -> float:
