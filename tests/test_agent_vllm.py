@@ -80,6 +80,40 @@ def test_vllm_logprobs_match_transformers_and_weights_update_in_place(engine, re
     assert policy.last_sync_s > 0
 
 
+def test_logprobs_at_temperature_and_top_p_are_the_distribution_sampled_from(engine, reference):
+    """At T=0.7 vLLM reports the log-probs of ``softmax(logits / T)``, which is what the learner
+    computes (it divides by ``policy.temperature``); at top-p 0.9 it reports the renormalised
+    nucleus (``agent.policy.sampling_logprobs``, the hf sampler's definition), which the learner
+    does not apply: the sampled tokens' log-probs then sit above the learner's, the gap the
+    config refuses to use as the PPO ratio's denominator (``objective.old_logprobs=sampler``)."""
+    from agent.chat import ChatFormat
+    from agent.policy import sampling_logprobs
+
+    _, policy = engine
+    model, _ = reference
+    prompt = ChatFormat(policy.tokenizer).prompt_ids("Name three colours, one per line.")
+
+    def sampled_and_reference(top_p):
+        policy.temperature, policy.top_p = 0.7, top_p
+        try:
+            gen = policy.generate([prompt], max_new_tokens=24)[0]
+        finally:
+            policy.temperature, policy.top_p = 1.0, 1.0
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + gen.token_ids])).logits[0, len(prompt) - 1 : -1]
+        tokens = torch.tensor(gen.token_ids)[:, None]
+        learner = torch.log_softmax(logits.float() / 0.7, -1).gather(1, tokens)[:, 0]
+        sampler_definition = sampling_logprobs(logits, 0.7, top_p).gather(1, tokens)[:, 0]
+        return torch.tensor(gen.logprobs), learner, sampler_definition
+
+    tempered, learner, _ = sampled_and_reference(1.0)
+    assert torch.allclose(tempered, learner, atol=1e-3)
+    nucleus, learner, definition = sampled_and_reference(0.9)
+    assert torch.allclose(nucleus, definition, atol=1e-3)
+    assert (nucleus - learner).min() > -1e-3  # renormalising the nucleus only raises them
+    assert (nucleus - learner).max() > 1e-2  # and the truncation is visible: a real gap
+
+
 def test_prompt_served_before_an_attention_update_gets_the_new_logprobs(engine, reference):
     """A long prompt is cached (prefix cache) under the old weights; after an update of an
     attention projection the same prompt must be scored with keys of the new weights. The

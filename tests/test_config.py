@@ -77,6 +77,12 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match=r"objective.kl_coef=0.05 .*deepspeed.zero_stage 1 or 2"):
         load_config(None, [*kl_zero3, "trainer.deepspeed.zero_stage=3"])
     assert load_config(None, [*kl_zero3, "trainer.deepspeed.zero_stage=2"]).objective.kl_coef > 0
+    nucleus = ["policy.top_p=0.9", "objective.old_logprobs=sampler"]
+    with pytest.raises(
+        ConfigError, match=r"policy.top_p=0.9 with objective.old_logprobs='sampler'"
+    ):
+        load_config(None, nucleus)
+    assert load_config(None, nucleus[:1]).policy.top_p == 0.9  # the learner's own ratio is fine
 
 
 def test_a_served_policy_cannot_be_trained_and_dropped_keys_are_unknown():

@@ -61,6 +61,7 @@ def test_every_method_has_a_config_that_differs_only_in_objective_and_precision(
     assert arxiv["controller"] == "faithful" and arxiv["dead_band"] == arxiv["smoothing"] == 0
     assert {cfg["rollout"]["group_size"] for cfg in configs.values()} == {8}
     assert configs["repo_d"]["objective"]["repo"]["variant"] == "const_beta"
+    assert configs["repo_d_dh"]["objective"]["repo"]["variant"] == "d"
     assert configs["adapo"]["objective"]["adapo"]["enabled"]
 
 

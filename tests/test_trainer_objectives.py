@@ -30,6 +30,7 @@ from trainer.objectives import (
     loop_clip_eps,
     policy_loss,
     ppo_clip_token_loss,
+    predicted_entropy_change,
     repo_shaped_advantages,
 )
 
@@ -355,10 +356,11 @@ def test_policy_loss_reports_repo_zeta_and_shaped_advantages():
         ObjectiveConfig(repo=RepoConfig(variant="r_centred")),
         ObjectiveConfig(repo=RepoConfig(variant="r_submitted")),
         ObjectiveConfig(repo=RepoConfig(variant="r_sym")),
+        ObjectiveConfig(repo=RepoConfig(variant="d")),
         ObjectiveConfig(repo=RepoConfig(variant="const_beta")),
         ObjectiveConfig(entropy_coef=0.01),
     ],
-    ids=["none", "r", "r_centred", "r_submitted", "r_sym", "const_beta", "entropy_bonus"],
+    ids=["none", "r", "r_centred", "r_submitted", "r_sym", "d", "const_beta", "entropy_bonus"],
 )
 def test_has_learning_signal_says_whether_the_loss_has_a_gradient(cfg):
     """The predicate the loop uses to skip an update agrees with the loss's actual gradient for
@@ -401,16 +403,20 @@ def _gradient(variant: str, zeta: float) -> torch.Tensor:
     return grad
 
 
-@pytest.mark.parametrize("variant", ["const_beta", "r", "r_centred", "r_submitted", "r_sym"])
-def test_repo_step_raises_entropy_relative_to_no_shaping(variant):
+@pytest.mark.parametrize(
+    ("variant", "zeta"),
+    [("const_beta", 0.1), ("r", 0.1), ("r_centred", 0.1), ("r_submitted", 0.1), ("r_sym", 0.1)]
+    + [("d", 1.0)],
+)
+def test_repo_step_raises_entropy_relative_to_no_shaping(variant, zeta):
     step = 1.0
     plain = _entropy(LOGITS - step * _gradient("none", 0.0))
-    shaped = _entropy(LOGITS - step * _gradient(variant, 0.1))
+    shaped = _entropy(LOGITS - step * _gradient(variant, zeta))
     assert plain < _entropy(LOGITS)  # the unshaped step collapses entropy here
     assert shaped > plain + 1e-3
 
 
-def test_repo_d_shaping_gradient_is_zeta_grad_entropy_by_enumeration():
+def test_const_beta_shaping_gradient_is_zeta_grad_entropy_by_enumeration():
     zeta = 0.1
     logits = LOGITS.clone().requires_grad_()
     (grad_entropy,) = torch.autograd.grad(_entropy(logits), logits)
@@ -440,6 +446,76 @@ def test_theorem1_entropy_change_matches_covariance():
         relative_errors.append(abs((measured - predicted) / predicted).item())
     assert relative_errors[1] < 1e-4
     assert 5 < relative_errors[0] / relative_errors[1] < 20
+
+
+def test_repo_d_by_hand_opposes_the_predicted_entropy_change_without_flipping_a_sign():
+    """``beta_t = -zeta dH_t = zeta L_t p_t A``, so ``A' = A (1 - zeta p_t L_t^2)``, clamped."""
+    advantages = torch.tensor([[2.0, -2.0, 2.0, 0.0]])
+    logprobs = torch.tensor([[-0.5, -3.0, -0.1, -1.0]])
+    entropy = torch.tensor([[1.0, 1.0, 5.0, 1.0]])
+    centred = logprobs + entropy  # (0.5, -2.0, 4.9, 0.0)
+    dh = predicted_entropy_change(logprobs, entropy, advantages)
+    torch.testing.assert_close(dh, -centred * logprobs.exp() * advantages)
+    shaped = repo_shaped_advantages(advantages, logprobs, entropy, "d", 0.5)
+    damp = 1.0 - 0.5 * logprobs.exp() * centred.square()
+    # the third token: 1 - 0.5 * 0.905 * 24.01 < 0 would flip its sign: clamped to 0
+    expected = [2.0 * damp[0, 0].item(), -2.0 * damp[0, 1].item(), 0.0, 0.0]
+    torch.testing.assert_close(shaped, torch.tensor([expected]))
+    assert torch.equal(repo_shaped_advantages(advantages, logprobs, entropy, "d", 0.0), advantages)
+
+
+def test_predicted_entropy_change_is_theorem1_in_expectation_over_the_sampled_token():
+    """Averaged over ``a ~ pi`` the one-sample estimate equals ``-Cov_pi(log pi, pi A)`` exactly,
+    and times eta it predicts the measured change of a small step (the theorem's own test)."""
+    probs = torch.softmax(LOGITS, -1)
+    log_probs = torch.log_softmax(LOGITS, -1)
+    advantages = ACTION_REWARDS - (probs * ACTION_REWARDS).sum()
+    entropy = _entropy(LOGITS).expand(6)
+    per_action = predicted_entropy_change(log_probs, entropy, advantages)
+    cov = (probs * log_probs * probs * advantages).sum() - (probs * log_probs).sum() * (
+        probs * probs * advantages
+    ).sum()
+    torch.testing.assert_close((probs * per_action).sum(), -cov, atol=1e-15, rtol=0)
+    eta = 1e-3
+    measured = _entropy(LOGITS + eta * probs * advantages) - _entropy(LOGITS)
+    assert abs(measured - eta * (probs * per_action).sum()) < 1e-4 * abs(measured)
+
+
+def _tabular_entropy_change(logits, advantages, variant, zeta, eta=1e-2):
+    """The entropy change of one exact expected step (enumerating actions) under ``variant``."""
+    logits = logits.clone().requires_grad_()
+    log_probs = torch.log_softmax(logits, -1)
+    probs = log_probs.detach().exp()
+    entropy = _entropy(logits.detach()).expand(logits.shape[-1])
+    shaped = repo_shaped_advantages(advantages, log_probs, entropy, variant, zeta)
+    (grad,) = torch.autograd.grad((probs * shaped * log_probs).sum(), logits)
+    return (_entropy(logits.detach() + eta * grad) - _entropy(logits.detach())).item()
+
+
+def test_repo_d_damps_the_entropy_change_both_ways_and_more_with_larger_zeta():
+    """On 300 random tabular policies (16 actions, centred random advantages) REPO-D's step moves
+    the entropy less than the plain step in most draws, whether the plain step lowers or raises
+    it, never reverses the direction at moderate zeta, and the damping grows with zeta."""
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for _ in range(300):
+        scale = 4.0 * torch.rand((), generator=generator, dtype=torch.float64)
+        logits = scale * torch.randn(16, generator=generator, dtype=torch.float64)
+        probs = torch.softmax(logits, -1)
+        advantages = torch.randn(16, generator=generator, dtype=torch.float64)
+        cases.append((logits, advantages - (probs * advantages).sum()))
+    plain = torch.tensor([_tabular_entropy_change(z, a, "none", 0.0) for z, a in cases])
+    ratios = {}
+    for zeta in (0.5, 2.0):
+        shaped = torch.tensor([_tabular_entropy_change(z, a, "d", zeta) for z, a in cases])
+        ratio = shaped.abs() / plain.abs()
+        for falling in (plain < 0, plain > 0):
+            assert falling.sum() > 50  # both directions are well represented
+            assert (ratio[falling] < 1).double().mean() > 0.85
+        ratios[zeta] = ratio.median().item()
+        if zeta == 0.5:
+            assert ((shaped * plain) > 0).double().mean() > 0.99
+    assert ratios[2.0] < ratios[0.5] < 1.0
 
 
 # ---------------------------------------------------------------- controllers

@@ -101,7 +101,7 @@ class RepoConfig(_Section):
     """REPO: advantage shaping with the sampled token's log-prob (methods.md; the variants are
     documented in :func:`trainer.objectives.repo_shaped_advantages`)."""
 
-    variant: Literal["none", "r", "r_centred", "r_submitted", "r_sym", "const_beta"] = "none"
+    variant: Literal["none", "r", "r_centred", "r_submitted", "r_sym", "d", "const_beta"] = "none"
     zeta_init: float = Field(0.02, ge=0)
     zeta_min: float = Field(1e-4, ge=0)
     # the arXiv version's bound; larger zeta can flip an advantage's sign in the unclamped forms
@@ -310,6 +310,14 @@ class RunConfig(_Section):
                 f"objective.kl_coef={self.objective.kl_coef} keeps a full copy of the reference "
                 "model on every rank, which ZeRO-3 exists to avoid: use "
                 "trainer.deepspeed.zero_stage 1 or 2, or objective.kl_coef=0"
+            )
+        if self.policy.top_p < 1 and self.objective.old_logprobs == "sampler":
+            raise ValueError(
+                f"policy.top_p={self.policy.top_p} with objective.old_logprobs='sampler': the "
+                "sampler's log-probs are of the renormalised top-p nucleus, the learner's of the "
+                "full distribution, so the PPO ratio would start below 1 on every token (and "
+                "the low clip could silence negative advantages); use "
+                "objective.old_logprobs=learner (the default) or policy.top_p=1"
             )
         return self
 

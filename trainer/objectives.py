@@ -60,7 +60,22 @@ def broadcast_advantages(advantages: Tensor, shape: torch.Size) -> Tensor:
     )
 
 
-REPO_VARIANTS = ("none", "r", "r_centred", "r_submitted", "r_sym", "const_beta")
+REPO_VARIANTS = ("none", "r", "r_centred", "r_submitted", "r_sym", "d", "const_beta")
+
+
+def predicted_entropy_change(logprobs: Tensor, entropy: Tensor, advantages: Tensor) -> Tensor:
+    """Theorem 1's entropy change per state, estimated from the one sampled token, in units of
+    the step size: ``dH_t / eta ~ -L_t p_t A_t`` with ``L_t = logp_t + H_t``, ``p_t = exp(logp_t)``.
+
+    Theorem 1 (methods.md): ``dH(s) ~ -eta Cov_{a~pi}(log pi(a|s), pi(a|s) A(s,a))``. Because
+    ``E_pi[log pi] = -H`` is known exactly, ``Cov(X, Y) = E_pi[(X - E X) Y] = E_pi[L pi A]``, and
+    the sampled token ``a_t ~ pi`` gives the unbiased one-sample estimate ``L_t p_t A_t``. The
+    theorem wants A centred per state (``E_pi[A] = 0``); one sample cannot centre it, so the
+    episode's group-centred advantage (RLOO, GRPO) stands in. Detached; shapes [B, T].
+    """
+    with torch.no_grad():
+        logp = logprobs.detach()
+        return -(logp + entropy.detach()) * logp.exp() * advantages
 
 
 def repo_shaped_advantages(
@@ -81,8 +96,20 @@ def repo_shaped_advantages(
     - ``r_submitted`` (REPO-R, the submitted version): positive advantages only,
       ``A' = A - zeta max(A, 0) L_t``.
     - ``r_sym``: ``A' = A - zeta |A| L_t`` (both signs, centred, no clamps).
-    - ``const_beta``: ``A' = A - zeta L_t``, a constant beta. Not REPO-D as described
-      (``beta = zeta dH``, the entropy change predicted for the step), which is not offered.
+    - ``d`` (REPO-D as a reviewer of the submitted version describes it: ``beta = zeta dH``, the
+      entropy change predicted for the step). eprl's reading: ``dH_t`` is
+      :func:`predicted_entropy_change` (Theorem 1 per state from ``logp_t``, ``H_t`` and ``A``,
+      the step size folded into zeta), and beta is signed to *oppose* it,
+      ``beta_t = -zeta dH_t = zeta L_t p_t A``, since with ``zeta >= 0`` the literal
+      ``+zeta dH`` would push entropy further the way it is already predicted to move. Then
+      ``A' = A - beta_t L_t = A (1 - zeta p_t L_t^2)``, clamped so no advantage changes sign:
+      every token's contribution to the predicted change is damped by ``1 - zeta p_t L_t^2``,
+      most where ``p_t L_t^2`` is large. It damps entropy changes in both directions (a fall
+      under GRPO-like signals, a rise under clip-higher) rather than pushing toward a level;
+      the controller raises zeta while entropy is below target. Useful zeta is larger than
+      REPO-R's (``p_t L_t^2`` is often < 1): e.g. bounds [1e-2, 4].
+    - ``const_beta``: ``A' = A - zeta L_t``, a constant beta (called REPO-D in earlier eprl; it
+      is not REPO-D as described).
     - ``none``: ``A' = A``.
 
     Since ``E_pi[grad log pi * L] = -grad H``, subtracting ``beta L`` adds ``beta grad H`` to the
@@ -96,17 +123,24 @@ def repo_shaped_advantages(
     with torch.no_grad():
         logp = logprobs.detach()
         centred = logp + entropy.detach()
+        if variant == "d":
+            beta = -zeta * predicted_entropy_change(logp, entropy, advantages)
+            return _same_sign(advantages, advantages - beta * centred)
         if variant in ("r", "r_centred"):
             log_term = logp if variant == "r" else centred
-            positive = (advantages * (1.0 - zeta * log_term)).clamp(min=0)
-            negative = (advantages * (1.0 + zeta * log_term)).clamp(max=0)
-            return torch.where(advantages > 0, positive, torch.where(advantages < 0, negative, 0))
+            return _same_sign(advantages, advantages * (1.0 - zeta * log_term * advantages.sign()))
         scale = {
             "r_submitted": advantages.clamp(min=0),
             "r_sym": advantages.abs(),
             "const_beta": torch.ones_like(advantages),
         }[variant]
         return advantages - zeta * scale * centred
+
+
+def _same_sign(advantages: Tensor, shaped: Tensor) -> Tensor:
+    """``shaped`` clamped to ``>= 0`` where ``A > 0``, ``<= 0`` where ``A < 0``, 0 where ``A = 0``."""
+    positive, negative = shaped.clamp(min=0), shaped.clamp(max=0)
+    return torch.where(advantages > 0, positive, torch.where(advantages < 0, negative, 0))
 
 
 def has_learning_signal(advantages: Tensor, cfg: ObjectiveConfig) -> bool:

@@ -44,6 +44,7 @@ ORDER = [
     "repo_r_submitted",
     "repo_r",
     "repo_d",
+    "repo_d_dh",
     "adapo",
 ]
 LABELS = {
@@ -56,6 +57,7 @@ LABELS = {
     "repo_r_submitted": "REPO-R (submitted)",
     "repo_r": "REPO-R",  # runs from before the two versions were told apart (the submitted form)
     "repo_d": "REPO, constant beta",
+    "repo_d_dh": "REPO-D (beta = zeta dH)",
     "adapo": "ADAPO",
 }
 # Qwen3-32B on AppWorld (methods.md): entropy change over training, TGC test-normal / test-challenge

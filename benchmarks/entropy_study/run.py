@@ -1,4 +1,4 @@
-"""The entropy study: SmolLM2-135M-Instruct on CodeExec procedural tasks, nine objectives, the
+"""The entropy study: SmolLM2-135M-Instruct on CodeExec procedural tasks, ten objectives, the
 same seeds and budget, entropy and held-out pass@k against steps (our small-scale version of the
 table of "Entropy-Preserving Reinforcement Learning", methods.md).
 
@@ -6,7 +6,8 @@ Methods (``configs/<method>.yaml``; only ``objective`` and ``precision`` differ)
 (clip-higher), rloo_fp32 (RLOO/LOOP with the FP32 loss path), rloo_bf16 and rloo_fp16 (the same
 with ``precision.loss: bf16`` / ``fp16``), repo_r_arxiv (REPO-R as in the arXiv version, with
 the faithful controller), repo_r_submitted (the submitted version's positive-only form),
-repo_d (constant-beta REPO: not REPO-D as described), adapo. K=8 answers per task for every
+repo_d (constant-beta REPO: not REPO-D as described), repo_d_dh (REPO-D as described,
+``beta = zeta dH``, eprl's reading in trainer/objectives.py), adapo. K=8 answers per task for every
 method (since 2026-12-01; the committed RESULTS.md ran at K=4 with seven methods).
 
 Budget (the configs' defaults, sized for about 75 minutes on 2 CPU cores as measured here:
@@ -56,6 +57,7 @@ METHODS = [
     "repo_r_arxiv",
     "repo_r_submitted",
     "repo_d",
+    "repo_d_dh",
     "adapo",
     "rloo_fp16",
     "rloo_bf16",
