@@ -8,7 +8,8 @@ Protocol (the prompt says it in a few lines):
   cell that did is graded instead). When the episode ends any other way (the turn limit, an
   oversized reply or observation), the latest cell that defined the function is graded; with
   none, the reward is 0.
-Reward = fraction of hidden tests passed, computed in a fresh sandbox; success = all passed.
+Reward = fraction of hidden tests passed, computed in a fresh sandbox under a wall-clock grading
+budget (``grading_budget_s``); success = all passed.
 """
 
 import ast
@@ -17,6 +18,7 @@ from typing import Any
 
 import gymnasium as gym
 
+from envs.codeexec.budget import DEFAULT_GRADING_BUDGET_S, check_budget
 from envs.codeexec.tasks import (
     DEFAULT_SPLIT,
     TASK_SETS,
@@ -71,6 +73,13 @@ class CodeExecEnv(gym.Env):
             truncated with a message (never an exception).
         max_output_chars: cell output shown per turn (the sandbox's output cap).
         sandbox: dict of envs.sandbox.SandboxConfig fields, e.g. {"mode": "rlimits-only"}.
+        grading_budget_s: wall-clock seconds the model code of one graded submission may run
+            (each test's timeout is the smaller of the cell timeout and what is left; restarts
+            after a lost session count); once spent, the tests left fail unrun, and ``info``
+            says so (``grading_budget_spent``, ``tests_not_run``). Default 5 s: every reference
+            and canonical solution grades in a small fraction of it (see
+            ``envs/codeexec/budget.py``), while a looping answer no longer holds the rollout
+            for tests x cell timeout.
     """
 
     metadata = {"render_modes": []}
@@ -86,6 +95,7 @@ class CodeExecEnv(gym.Env):
         max_observation_chars: int = 4000,
         max_output_chars: int = 1000,
         sandbox: dict[str, Any] | None = None,
+        grading_budget_s: float = DEFAULT_GRADING_BUDGET_S,
     ) -> None:
         if task_set not in TASK_SETS:
             raise ValueError(f"unknown task_set {task_set!r}; expected one of {TASK_SETS}")
@@ -102,6 +112,7 @@ class CodeExecEnv(gym.Env):
         if task_set != "procedural" and (levels is not None or families is not None):
             raise ValueError("levels and families only apply to task_set='procedural'")
         self.max_turns = max_turns
+        self.grading_budget_s = check_budget(grading_budget_s)
         self.max_action_chars = max_action_chars
         self.max_observation_chars = max_observation_chars
         self.sandbox_config = SandboxConfig.from_dict(
@@ -252,16 +263,23 @@ class CodeExecEnv(gym.Env):
             result = GradeResult(0, self._task.tests_total)
             verdict = f"No code defining `{name}` to grade: 0/{result.tests_total} tests passed."
         else:
-            result = grade(self._task, code, self.sandbox_config)
+            result = grade(self._task, code, self.sandbox_config, self.grading_budget_s)
             graded = "your submission" if truncation_reason is None else f"your latest `{name}`"
             verdict = (
                 f"Graded {graded}: {result.tests_passed}/{result.tests_total} hidden tests passed."
             )
+            if result.budget_spent:
+                verdict += (
+                    f" The grading time limit of {self.grading_budget_s:g} s ran out: "
+                    f"{result.tests_not_run} tests were not run and count as failed."
+                )
         info = self._info()
         info.update(
             success=result.success,
             tests_passed=result.tests_passed,
             tests_total=result.tests_total,
+            grading_budget_spent=result.budget_spent,
+            tests_not_run=result.tests_not_run,
         )
         if truncation_reason is not None:
             info["truncation_reason"] = truncation_reason

@@ -21,7 +21,9 @@ and never lets it share an interpreter with whatever decides pass or fail:
   grader.
 A test that times out or kills the session fails; the session is rebuilt (setup, submission and,
 for the grader, the earlier unscored statements) before the next test. A submission whose own
-cell kills the session fails every test.
+cell kills the session fails every test. The cells that run model code (the submission, the
+procedural tests, HumanEval's submission run) share a wall-clock budget per graded submission
+(``budget.py``); once it is spent the tests left count as failed without being run.
 """
 
 import ast
@@ -30,11 +32,12 @@ import gzip
 import importlib.util
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
 
 from envs.codeexec import plain_data, procedural
+from envs.codeexec.budget import DEFAULT_GRADING_BUDGET_S, GradingBudget, check_budget
 from envs.sandbox import CellResult, PythonSandbox, SandboxConfig, SandboxError
 
 TASK_SETS = ("procedural", "humaneval")
@@ -74,6 +77,9 @@ class GradeResult:
     tests_passed: int
     tests_total: int
     first_failure: str | None = None  # what the first failing test printed (for humans)
+    budget_spent: bool = False  # the grading budget ran out before every cell had run
+    tests_not_run: int = 0  # scored tests the budget left unrun or cut short (counted failed)
+    budget_used_s: float = field(default=0.0, compare=False)  # wall time charged to the budget
 
     @property
     def reward(self) -> float:
@@ -218,23 +224,58 @@ def _passed(test: TestCase, result: CellResult) -> bool:
     return same_value(got, ast.literal_eval(test.expected))
 
 
-def grade(task: Task, code: str, config: SandboxConfig | None = None) -> GradeResult:
-    """Run ``code`` (the agent's submission) against the task's hidden tests in sandboxes."""
+def grade(
+    task: Task,
+    code: str,
+    config: SandboxConfig | None = None,
+    budget_s: float = DEFAULT_GRADING_BUDGET_S,
+) -> GradeResult:
+    """Run ``code`` (the agent's submission) against the task's hidden tests in sandboxes, the
+    cells of model code under a wall-clock budget of ``budget_s`` (see ``budget.py``)."""
+    check_budget(budget_s)
     if task.task_set == "humaneval":
-        return _grade_humaneval(task, code, config or SandboxConfig())
-    passed, first_failure = 0, None
+        return _grade_humaneval(task, code, config or SandboxConfig(), budget_s)
+    passed, first_failure, done = 0, None, 0
     with PythonSandbox(config, startup_code=task.setup_code) as sandbox:
-        if sandbox.run_cell(code).session_lost:
-            return GradeResult(0, task.tests_total, "the submission's own cell killed the session")
-        for test in task.tests:
-            result = sandbox.run_cell(test.code)
+        budget = GradingBudget(sandbox, budget_s)
+        loaded = budget.run(code)
+        if budget.cut(loaded) or loaded.session_lost:
+            return _budgeted(GradeResult(0, task.tests_total, _KILLED), task.tests, 0, budget)
+        for index, test in enumerate(task.tests):
+            result = budget.run(test.code)
+            if budget.cut(result):
+                break
+            done = index + 1
             if _passed(test, result):
                 passed += 1
             elif first_failure is None:
                 first_failure = f"{test.code}\n{result.render()}"
-            if result.session_lost and sandbox.run_cell(code).session_lost:
-                break
-    return GradeResult(passed, task.tests_total, first_failure)
+            if result.session_lost and done < len(task.tests):
+                reloaded = budget.run(code)
+                if budget.cut(reloaded) or reloaded.session_lost:
+                    break
+    return _budgeted(GradeResult(passed, task.tests_total, first_failure), task.tests, done, budget)
+
+
+_KILLED = "the submission's own cell killed the session"
+
+
+def _budgeted(
+    result: GradeResult, tests: tuple[TestCase, ...], done: int, budget: GradingBudget
+) -> GradeResult:
+    """``result`` with the budget's account: when it ran out, the scored tests from ``done`` on
+    (the first ``done`` test cells had a complete run) count as not run, and say so."""
+    if not budget.spent:
+        return dataclasses.replace(result, budget_used_s=budget.used_s)
+    not_run = sum(test.scored for test in tests[done:])
+    why = f"the grading budget of {budget.seconds:g} s ran out; {not_run} tests were not run"
+    return dataclasses.replace(
+        result,
+        first_failure=why if done == 0 else result.first_failure or why,
+        budget_spent=True,
+        tests_not_run=not_run,
+        budget_used_s=budget.used_s,
+    )
 
 
 # HumanEval grading: reference run, submission run, grader run (see the module docstring) ----
@@ -297,11 +338,10 @@ def humaneval_reference_calls(task: Task, config: SandboxConfig) -> tuple[str, .
     return tuple(calls)
 
 
-def _submission_outcomes(sandbox: PythonSandbox, task: Task, calls: str) -> tuple[str, bool]:
-    """The submission's outcomes on ``calls``, validated and re-encoded on the host, and whether
-    the session survived. A failed cell or a malformed reply counts as every call failing."""
+def _submission_outcomes(result: CellResult, calls: str) -> str:
+    """The submission's outcomes on ``calls`` from its cell's ``result``, validated and
+    re-encoded on the host. A failed cell or a malformed reply counts as every call failing."""
     count = len(plain_data.loads(calls))
-    result = sandbox.run_cell(f"__eprl_codec['run_calls']({task.entry_point}, {calls!r})")
     try:
         outcomes = json.loads(_reply_text(result))
         if not (isinstance(outcomes, list) and len(outcomes) == count):
@@ -309,7 +349,7 @@ def _submission_outcomes(sandbox: PythonSandbox, task: Task, calls: str) -> tupl
         checked = [_checked_outcome(outcome) for outcome in outcomes]
     except (plain_data.NotPlainData, ValueError, RecursionError) as error:
         checked = [["refused", str(error)[:300]]] * count
-    return json.dumps(checked, separators=(",", ":")), not result.session_lost
+    return json.dumps(checked, separators=(",", ":"))
 
 
 def _checked_outcome(outcome: object) -> list:
@@ -323,27 +363,51 @@ def _checked_outcome(outcome: object) -> list:
     raise plain_data.NotPlainData(f"unknown outcome {outcome!r:.80}")
 
 
-def _grade_humaneval(task: Task, code: str, config: SandboxConfig) -> GradeResult:
+def _grade_humaneval(task: Task, code: str, config: SandboxConfig, budget_s: float) -> GradeResult:
+    """The submission run (model code) is under the budget; the grader run is not: it holds
+    only trusted test code and recorded plain-data outcomes, so its cost does not depend on how
+    long the submission runs (each cell keeps ``cell_timeout_s``), and it replays only the test
+    cells whose submission run completed."""
     calls = humaneval_reference_calls(task, config)
     config = _grading_config(config)
     startup = task.setup_code + "\n" + _CODEC_SETUP
-    outcomes = []
+    outcomes: list[str] = []
     with PythonSandbox(config, startup_code=startup) as submission:
-        if submission.run_cell(code).session_lost:
-            return GradeResult(0, task.tests_total, "the submission's own cell killed the session")
+        budget = GradingBudget(submission, budget_s)
+        loaded = budget.run(code)
+        if budget.cut(loaded) or loaded.session_lost:
+            return _budgeted(GradeResult(0, task.tests_total, _KILLED), task.tests, 0, budget)
         for test_calls in calls:
-            test_outcomes, alive = _submission_outcomes(submission, task, test_calls)
-            outcomes.append(test_outcomes)
-            if not alive and submission.run_cell(code).session_lost:
-                outcomes += [_all_failed(c, "the session was lost") for c in calls[len(outcomes) :]]
+            result = budget.run(f"__eprl_codec['run_calls']({task.entry_point}, {test_calls!r})")
+            if budget.cut(result):
                 break
+            outcomes.append(_submission_outcomes(result, test_calls))
+            if result.session_lost and len(outcomes) < len(calls):
+                reloaded = budget.run(code)
+                if budget.cut(reloaded):
+                    break
+                if reloaded.session_lost:
+                    why = "the session was lost"
+                    outcomes += [_all_failed(c, why) for c in calls[len(outcomes) :]]
+                    break
+    passed, first_failure = _replay(task, config, startup, calls, outcomes)
+    result = GradeResult(passed, task.tests_total, first_failure)
+    return _budgeted(result, task.tests, len(outcomes), budget)
+
+
+def _replay(
+    task: Task, config: SandboxConfig, startup: str, calls: tuple[str, ...], outcomes: list[str]
+) -> tuple[int, str | None]:
+    """The grader run over the first ``len(outcomes)`` test cells: tests passed, first failure."""
     passed, first_failure, setup_done = 0, None, []
+    if not outcomes:
+        return passed, first_failure
     replay = (
         "__eprl_replay = __eprl_codec['Replay']()\n"
         f"candidate = {task.entry_point} = __eprl_replay\n"
     )
     with PythonSandbox(config, startup_code=startup + replay) as grader:
-        for index, test in enumerate(task.tests):
+        for index, test in enumerate(task.tests[: len(outcomes)]):
             cell = (
                 f"__eprl_replay.load({calls[index]!r}, {outcomes[index]!r}, "
                 f"{_test_seed(task, index)!r})\n{test.code}"
@@ -358,7 +422,7 @@ def _grade_humaneval(task: Task, code: str, config: SandboxConfig) -> GradeResul
             if result.session_lost:
                 for earlier in setup_done:
                     grader.run_cell(earlier)
-    return GradeResult(passed, task.tests_total, first_failure)
+    return passed, first_failure
 
 
 def _all_failed(calls: str, why: str) -> str:
