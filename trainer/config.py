@@ -272,6 +272,9 @@ class CheckpointConfig(_Section):
     every: int = Field(10, ge=1)
     keep_last: int = Field(2, ge=1)
     save_optimizer: bool = True
+    # the weights are written in safetensors shards of at most this size, streamed: rank 0 holds
+    # one shard in host memory at a time, not the model (trainer/checkpoint.py)
+    max_shard_gb: float = Field(5.0, gt=0)
 
 
 class RunConfig(_Section):

@@ -111,9 +111,10 @@ def memory_lines(cfg: RunConfig, numel: int, trainable: int, world: int, gpu_gib
         f"{vllm.gpu_memory_utilization} of {gpu_gib:.0f} GiB: its weights + KV cache)",
         f"  total    {(on_gpu + sampler) / GiB:7.1f} GiB of {gpu_gib:.0f} GiB per GPU"
         + (f"; host {on_host * world / GiB:.0f} GiB for {world} ranks" if on_host else ""),
-        f"  checkpoint {numel * weight_bytes / GiB:5.1f} GiB of host RAM on rank 0 while a "
-        "checkpoint is written (the full model: gathered a bucket at a time, held until "
-        "save_pretrained writes it)",
+        f"  checkpoint {min(numel * weight_bytes, cfg.checkpoint.max_shard_gb * 1e9) / GiB:5.1f} "
+        "GiB of host RAM on rank 0 while a checkpoint is written (one shard, "
+        f"checkpoint.max_shard_gb; {numel * weight_bytes / GiB:.1f} GiB for a model transformers "
+        "converts on save)",
     ]
     return lines
 

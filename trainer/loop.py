@@ -415,6 +415,7 @@ class Trainer:
             save_optimizer=self.cfg.checkpoint.save_optimizer,
             keep_last=self.cfg.checkpoint.keep_last,
             is_main=self.is_main,
+            max_shard_gb=self.cfg.checkpoint.max_shard_gb,
         )
 
     def _trainer_state(self) -> dict:
