@@ -1,9 +1,18 @@
-"""One DeepSpeed learner step on a fixed batch, run by tests/test_trainer_deepspeed.py under
-torchrun with 2 gloo processes on CPU. Rank r takes rows r::world of the batch; rank 0 writes
-the loss (averaged over ranks), a hash of the updated weights, and precision checks to JSON."""
+"""What the DeepSpeed tests run on 2 gloo ranks under torchrun (CPU), one mode per argv[1]:
+
+- (default, tests/test_trainer_deepspeed.py) one learner step on a fixed batch, rank r taking
+  rows r::world; rank 0 writes the loss (averaged over ranks), the updated weights' sums and
+  precision checks to JSON;
+- ``grads`` (tests/test_trainer_ds_grads.py, test_trainer_ds_cpu_adam.py): full gradients,
+  weights and log-probs over three steps on even, uneven and empty ranks (:func:`grads_main`);
+- ``train`` (tests/test_trainer_distributed.py): ``eprl train``, each rank saving its weights
+  and kept-episode counts (:func:`train_main`).
+
+It also registers the test environments those runs train on."""
 
 import json
 import sys
+from pathlib import Path
 
 import gymnasium
 import torch
@@ -16,6 +25,45 @@ if "eprl-test/DsDigit-v0" not in gymnasium.registry:
         "eprl-test/DsDigit-v0",
         entry_point="test_trainer_loop:DigitRewardEnv",
         disable_env_checker=True,
+    )
+
+
+class HalfLearnableEnv(gymnasium.Env):
+    """Two training tasks. ``learnable``: the reward is the share of lowercase letters in the
+    reply (``DigitRewardEnv``'s dense signal). ``impossible``: the reply must be a 40-digit
+    number the prompt never states, which the tiny model never writes: every reward 0, every
+    advantage 0, so the LOOP ``|A|`` filter drops the whole group. With 2 tasks per step on 2
+    ranks each rank rolls out one of them: in every step one rank keeps no episode."""
+
+    observation_space = gymnasium.spaces.Text(max_length=100)
+    action_space = gymnasium.spaces.Text(max_length=10_000)
+    SECRET = "3141592653589793238462643383279502884197"
+
+    def __init__(self):
+        self.splits = ["train", "dev"]
+
+    def task_ids(self, split):
+        return ["learnable", "impossible"] if split == "train" else ["dev-0"]
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.task = (options or {}).get("task_id", "learnable")
+        prompt = "Say some letters." if self.task != "impossible" else "The secret number?"
+        return prompt, {"task_id": self.task, "turn": 0}
+
+    def step(self, action):
+        if self.task == "impossible":
+            reward = float(action.strip() == self.SECRET)
+        else:
+            reward = sum("a" <= c <= "z" for c in action) / max(len(action), 1)
+        info = {"task_id": self.task, "turn": 1, "success": reward > 0.5}
+        return "", reward, True, False, {**info, "tests_passed": 0, "tests_total": 0}
+
+
+HALF_LEARNABLE_ENV = "ds_worker:eprl-test/DsHalfLearnable-v0"
+if "eprl-test/DsHalfLearnable-v0" not in gymnasium.registry:
+    gymnasium.register(
+        "eprl-test/DsHalfLearnable-v0", entry_point=HalfLearnableEnv, disable_env_checker=True
     )
 
 
@@ -103,7 +151,6 @@ def main(
     torch.distributed.all_reduce(loss)
     weights = dict(learner.named_weights())
     if rank == 0:
-        Path = __import__("pathlib").Path
         Path(out).write_text(
             json.dumps(
                 {
@@ -126,14 +173,34 @@ SCENARIOS = {
     "empty_rank": ([0, 1, 2, 3], []),
 }
 GRAD_OVERRIDES = ["trainer.optimizer=sgd", "trainer.lr=0.1", "trainer.micro_batch_size=1"]
+# AdamW with every hyperparameter away from its default, so a knob the engine dropped shows
+ADAMW_OVERRIDES = [
+    "trainer.optimizer=adamw",
+    "trainer.lr=1e-3",
+    "trainer.betas=[0.8,0.95]",
+    "trainer.weight_decay=0.1",
+    "trainer.micro_batch_size=1",
+]
+
+
+def learner_overrides(flags: set[str]) -> list[str]:
+    """The optimizer (and LoRA) overrides shared by the 2-rank worker and the torch reference:
+    plain SGD, or AdamW with ``adamw``; LoRA adapters with ``lora``."""
+    return [
+        *(ADAMW_OVERRIDES if "adamw" in flags else GRAD_OVERRIDES),
+        *(LORA_OVERRIDES if "lora" in flags else []),
+    ]
 
 
 def grads_main(model_dir: str, out_path: str, zero_stage: str, options: str = "") -> None:
     """The DeepSpeed learner's full gradients (``safe_get_full_grad``, reduced over ranks,
-    before the step) and losses for each of :data:`SCENARIOS`, the weights after them, and the
-    streamed export; ``options`` (comma-separated): ``init`` builds the model partitioned under
-    zero.Init (transformers' ZeRO-3 integration), ``offload`` offloads the optimizer,
-    ``bf16`` runs bf16 weights; rank 0 writes everything with torch.save."""
+    before the step) and losses for each of :data:`SCENARIOS`, the weights after them, the
+    streamed export and the learner's log-probs of the whole batch after the steps;
+    ``options`` (comma-separated): ``init`` builds the model partitioned under zero.Init
+    (transformers' ZeRO-3 integration), ``offload`` offloads the optimizer, ``bf16`` runs bf16
+    weights, ``lora`` adds LoRA adapters (seeded as :func:`lora_model`), ``adamw`` steps AdamW
+    instead of SGD, ``dsadam`` forces DeepSpeed's CPU Adam on the offloaded master weights
+    (``trainer.deepspeed.offload_adam=deepspeed``); rank 0 writes everything with torch.save."""
     from deepspeed.utils import safe_get_full_grad
 
     from agent.models import load_model
@@ -145,6 +212,7 @@ def grads_main(model_dir: str, out_path: str, zero_stage: str, options: str = ""
         zero3_construction,
     )
     from trainer.distributed import gather_objects
+    from trainer.learner import apply_lora
 
     flags = set(filter(None, options.split(",")))
     cfg = load_config(
@@ -155,10 +223,11 @@ def grads_main(model_dir: str, out_path: str, zero_stage: str, options: str = ""
             "trainer.device=cpu",
             f"trainer.deepspeed.zero_stage={zero_stage}",
             f"trainer.deepspeed.offload_optimizer={'offload' in flags}",
+            *(["trainer.deepspeed.offload_adam=deepspeed"] if "dsadam" in flags else []),
             "trainer.deepspeed.export_bucket_numel=20000",  # many buckets on the tiny model
             f"model.dtype={'bfloat16' if 'bf16' in flags else 'float32'}",
             "policy.backend=vllm",  # (not started here) ZeRO-3 on 2 ranks refuses the hf policy
-            *GRAD_OVERRIDES,
+            *learner_overrides(flags),
         ],
     )
     init_distributed(torch.device("cpu"), cfg.trainer.deepspeed.timeout_s)
@@ -171,10 +240,14 @@ def grads_main(model_dir: str, out_path: str, zero_stage: str, options: str = ""
         "full": [int(getattr(p, "ds_numel", p.numel())) for p in lm.parameters()],
         "dtype": str(next(lm.parameters()).dtype),
     }
+    if "lora" in flags:
+        torch.manual_seed(0)  # the adapters' initialisation, as lora_model() does
+        lm = apply_lora(lm, cfg.trainer.lora)
     learner = DeepSpeedLearner(lm, cfg, torch.device("cpu"), total_updates=len(SCENARIOS))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     batch = fixed_batch(learner.lm.config.vocab_size, uneven=True)
     result: dict = {"world": world, "built": built, "scenarios": {}}
+    result["optimizer"] = type(learner.engine.basic_optimizer).__name__
     for name, shards in SCENARIOS.items():
         rows = shards[rank]
         shard = batch.rows(rows) if rows else empty_batch(batch.input_ids.shape[1])
@@ -184,6 +257,7 @@ def grads_main(model_dir: str, out_path: str, zero_stage: str, options: str = ""
         grads = {
             key: safe_get_full_grad(param).detach().float().clone()
             for key, param in learner.lm.named_parameters()
+            if param.requires_grad  # LoRA: the frozen base weights have none
         }
         out = learner.finish(out)
         every_rank = gather_objects(sorted(out))
@@ -195,6 +269,8 @@ def grads_main(model_dir: str, out_path: str, zero_stage: str, options: str = ""
             "keys": sorted(out),
             "grads": grads,
         }
+    # the learner's own log-probs of the whole batch after the steps (every rank runs them)
+    result["logprobs"] = learner.logprobs(batch)[0]
     optimizer = learner.engine.optimizer
     masters = getattr(optimizer, "fp32_partitioned_groups_flat", None) or getattr(
         optimizer, "single_partition_of_fp32_groups", None
@@ -210,8 +286,40 @@ def grads_main(model_dir: str, out_path: str, zero_stage: str, options: str = ""
     del keep_alive
 
 
+def train_main(out_dir: str, config: str, *overrides: str) -> None:
+    """``eprl train CONFIG OVERRIDES`` (the CLI, in-process) on every rank; then each rank saves
+    its learner's weights and, per step, how many episodes it kept to ``out_dir``. Two
+    wrappers record them around the real functions: :func:`trainer.loop.run_training` (its
+    trainer) and :func:`trainer.episodes.select_episodes` (its selection); nothing else is
+    replaced."""
+    import eprl
+    import trainer.loop as loop
+
+    kept: list[int] = []
+    trainers: list = []
+    select, run_training = loop.select_episodes, loop.run_training
+
+    def recording_select(*args, **kwargs):
+        chosen = select(*args, **kwargs)
+        kept.append(len(chosen.kept))
+        return chosen
+
+    def recording_run(*args, **kwargs):
+        trainers.append(run_training(*args, **kwargs))
+        return trainers[-1]
+
+    loop.select_episodes, loop.run_training = recording_select, recording_run
+    eprl.app(["train", config, *overrides], standalone_mode=False)
+    (trainer,) = trainers
+    weights = {key: tensor.clone() for key, tensor in trainer.learner.named_weights()}
+    out = Path(out_dir) / f"rank{trainer.rank}.pt"
+    torch.save({"weights": weights, "kept": kept, "world": trainer.world}, out)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "grads":
         grads_main(*sys.argv[2:])
+    elif sys.argv[1] == "train":
+        train_main(*sys.argv[2:])
     else:
         main(*sys.argv[1:])

@@ -2,6 +2,7 @@
 GPU machine), and a whole `eprl train` under 2 gloo ranks with the DeepSpeed learner."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,80 @@ def test_eprl_train_on_two_deepspeed_ranks_writes_one_run(tiny_model_dir, tmp_pa
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1", "step_2"]
     assert (run_dir / "checkpoints" / "step_2" / "deepspeed").is_dir()
     assert (run_dir / "report.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # a rank left waiting in a collective the other never joins would hang
+def test_eprl_train_steps_every_rank_when_one_keeps_no_episode(tiny_model_dir, tmp_path):
+    """`eprl train` on 2 DeepSpeed ranks (ZeRO-2) where, in every step, one rank's whole group is
+    dropped by the LOOP |A| filter (a task the tiny model always fails: all rewards 0) and the
+    other rank has a learning signal: the empty rank joins the learner's passes (old log-probs,
+    two mini-batch steps) with no rows, the run completes, the metrics of every step have the
+    same keys and count the empty rank, and the other rank's signal moves the weights,
+    identically on both ranks and in the checkpoint."""
+    from ds_worker import HALF_LEARNABLE_ENV
+    from safetensors.torch import load_file
+
+    group = 4
+    overrides = {
+        "model.name": tiny_model_dir,
+        "env.id": HALF_LEARNABLE_ENV,
+        "env.kwargs": "{}",
+        "policy.backend": "hf",
+        "steps": 2,
+        "rollout.tasks_per_step": 2,  # one task per rank: `learnable` on one, `impossible` on the other
+        "rollout.group_size": group,
+        "rollout.max_new_tokens": 6,
+        "rollout.max_context_tokens": 512,
+        "eval.at_start": False,
+        "eval.at_end": False,
+        "checkpoint.every": 2,
+        "checkpoint.keep_last": 1,
+        "logging.runs_root": str(tmp_path),
+        "logging.run_name": "run",
+        "logging.progress": False,
+        "logging.tensorboard": False,
+        "trainer.learner": "deepspeed",
+        "trainer.device": "cpu",
+        "trainer.deepspeed.zero_stage": 2,
+        "trainer.micro_batch_size": 2,
+        "trainer.mini_batches": 2,  # the empty rank steps twice on empty parts
+        "trainer.lr": 1e-3,
+        "objective.old_logprobs": "learner",  # and runs the old log-probs' forwards with no rows
+        "objective.adv_filter_threshold": 0.01,
+        "objective.overlong_filter": False,  # every 6-token reply is cut at the cap
+        "objective.target_entropy_tasks": 0,
+        "objective.repo.variant": "none",
+    }
+    run_ranks(
+        REPO / "tests" / "ds_worker.py",
+        "train",
+        str(tmp_path),
+        str(REPO / "configs" / "quickstart.yaml"),
+        *(f"{key}={value}" for key, value in overrides.items()),
+        timeout=280,
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    kept = list(zip(ranks[0]["kept"], ranks[1]["kept"], strict=True))
+    assert len(kept) == 2
+    for counts in kept:  # one rank kept nothing, the other its group (a signal)
+        assert min(counts) == 0 and 0 < max(counts) <= group, kept
+
+    run_dir = tmp_path / "run"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(set(row) == set(rows[0]) for row in rows)  # the empty rank's keys too
+    for row, counts in zip(rows, kept, strict=True):
+        assert row["episodes/kept"] == sum(counts) / 2  # the mean over ranks, the empty one in
+        assert row["train/no_signal"] == 0.0 and row["nonfinite/total"] == 0.0
+        assert row["grad/norm"] > 0 and math.isfinite(row["loss/total"])
+
+    initial = load_file(Path(tiny_model_dir) / "model.safetensors")
+    first, second = ranks[0]["weights"], ranks[1]["weights"]
+    saved = load_file(run_dir / "checkpoints" / "step_2" / "model.safetensors")
+    assert set(first) == set(second) and set(saved) <= set(first)
+    assert all(torch.equal(first[k], second[k]) for k in first)  # one model on both ranks
+    assert all(torch.equal(saved[k], first[k]) for k in saved)
+    moved = [k for k in initial if not torch.equal(initial[k], first[k])]
+    assert moved, "the rank with a signal did not move the weights"

@@ -180,6 +180,20 @@ class DeepSpeedConfig(_Section):
     # the weight export gathers ZeRO-3 parameters a bucket of whole modules at a time (a module
     # larger than this is its own bucket): the export's peak extra memory is about one bucket
     export_bucket_numel: int = Field(2**27, ge=1)
+    # which Adam steps the offloaded fp32 master weights (offload_optimizer): auto: DeepSpeed's
+    # compiled CPU Adam on a GPU machine, the torch AdamW on a CPU one (no op to compile);
+    # deepspeed / torch: that one wherever the run is (deepspeed on CPU JIT-compiles the op)
+    offload_adam: Literal["auto", "deepspeed", "torch"] = "auto"
+
+    @model_validator(mode="after")
+    def _offload_adam_needs_offload(self) -> DeepSpeedConfig:
+        if self.offload_adam != "auto" and not self.offload_optimizer:
+            raise ValueError(
+                f"trainer.deepspeed.offload_adam={self.offload_adam!r} chooses the Adam of the "
+                "offloaded optimizer: set trainer.deepspeed.offload_optimizer=true, or leave "
+                "offload_adam at 'auto'"
+            )
+        return self
 
 
 class LoraConfig(_Section):
@@ -234,6 +248,16 @@ class TrainerConfig(_Section):
                 if isinstance(data.get(key), bool):
                     data = {**data, key: "on" if data[key] else "off"}
         return data
+
+    @model_validator(mode="after")
+    def _deepspeed_adam_is_adam(self) -> TrainerConfig:
+        if self.deepspeed.offload_adam == "deepspeed" and self.optimizer != "adamw":
+            raise ValueError(
+                "trainer.deepspeed.offload_adam='deepspeed' is DeepSpeed's CPU AdamW, but "
+                f"trainer.optimizer={self.optimizer!r}: use trainer.optimizer=adamw, or "
+                "offload_adam 'torch' / 'auto'"
+            )
+        return self
 
 
 class PrecisionConfig(_Section):

@@ -104,13 +104,16 @@ def deepspeed_config(cfg: RunConfig, device: torch.device | None = None) -> dict
 
 
 def uses_ds_cpu_adam(cfg: RunConfig, device: torch.device | None) -> bool:
-    """Whether the engine builds DeepSpeed's CPU Adam (offloaded AdamW on a GPU machine)."""
-    return (
-        cfg.trainer.deepspeed.offload_optimizer
-        and cfg.trainer.optimizer == "adamw"
-        and device is not None
-        and device.type == "cuda"
-    )
+    """Whether the engine builds DeepSpeed's CPU Adam for the offloaded master weights
+    (``trainer.deepspeed.offload_adam``): by default on a GPU machine only; ``deepspeed``
+    forces it on the CPU too (the op is JIT-compiled there, about a minute once), which is how
+    the CPU tests check that branch against torch AdamW."""
+    ds = cfg.trainer.deepspeed
+    if not ds.offload_optimizer or cfg.trainer.optimizer != "adamw" or ds.offload_adam == "torch":
+        return False
+    if ds.offload_adam == "deepspeed":
+        return True
+    return device is not None and device.type == "cuda"
 
 
 def zero3_construction(cfg: RunConfig):
