@@ -1,4 +1,4 @@
-"""One DeepSpeed ZeRO-2 step with the shared-prefix and packed forward on, run by
+"""One DeepSpeed ZeRO-2 (or ``stage``) step with the shared-prefix and packed forward on, run by
 tests/test_trainer_packing_deepspeed.py under torchrun with 2 gloo processes on CPU. Rank r
 takes group r of the batch (so its micro-batch shares a prompt); rank 0 writes the global loss,
 the gradient norm, sums of the updated weights and what the forward's layout did to JSON."""
@@ -24,7 +24,7 @@ def packing_batch(vocab: int):
     return collate(episodes, torch.tensor(ADVANTAGES), pad_id=0)
 
 
-def main(model_dir: str, out: str) -> None:
+def main(model_dir: str, out: str, stage: str = "2") -> None:
     from agent.models import load_model
     from trainer.config import load_config
     from trainer.deepspeed_learner import DeepSpeedLearner
@@ -35,7 +35,8 @@ def main(model_dir: str, out: str) -> None:
             f"model.name={model_dir}",
             "trainer.learner=deepspeed",
             "trainer.device=cpu",
-            "trainer.deepspeed.zero_stage=2",
+            f"trainer.deepspeed.zero_stage={stage}",
+            "policy.backend=vllm",  # (not started here) ZeRO-3 on 2 ranks refuses the hf policy
             "trainer.lr=1e-3",
             f"trainer.micro_batch_size={K}",
             "trainer.shared_prefix=on",

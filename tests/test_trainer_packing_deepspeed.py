@@ -1,5 +1,6 @@
-"""The shared-prefix and packed forward under DeepSpeed ZeRO-2 with 2 gloo processes on CPU:
-the step equals the torch learner's with the plain padded forward, row by row."""
+"""The shared-prefix and packed forward under DeepSpeed ZeRO-2 and ZeRO-3 (parameters gathered
+in every forward: the shared prompt's and each packed row's) with 2 gloo processes on CPU: the
+step equals the torch learner's with the plain padded forward, row by row."""
 
 import json
 import sys
@@ -14,7 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_zero2_with_shared_prefix_matches_the_unshared_torch_learner(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_zero_with_shared_prefix_matches_the_unshared_torch_learner(
+    tiny_model_dir, tmp_path, stage
+):
     from agent.models import load_model
     from trainer.config import load_config
     from trainer.learner import TorchLearner
@@ -23,7 +27,9 @@ def test_zero2_with_shared_prefix_matches_the_unshared_torch_learner(tiny_model_
     from ds_packing_worker import K, packing_batch
 
     out = tmp_path / "ds.json"
-    run_ranks(REPO / "tests" / "ds_packing_worker.py", tiny_model_dir, str(out), timeout=600)
+    run_ranks(
+        REPO / "tests" / "ds_packing_worker.py", tiny_model_dir, str(out), str(stage), timeout=600
+    )
     ds = json.loads(out.read_text())
     assert ds["world"] == 2 and ds["layout"] == "packed"
     assert ds["shared_total"] > 0  # both ranks computed their group's prompt once
