@@ -6,14 +6,20 @@ Same data, same task, same cells:
   experiment_name)`` in one warm in-process interpreter. A sealed server runs one episode, and
   the next episode's server starts in its sandbox while the current episode runs, so the pool's
   reset is timed twice: with that spare ready (the steady state whenever an episode lasts longer
-  than a server start, as episodes with model generation do; the spare is awaited untimed), and
-  back to back (the next reset right after the last cell: it waits for the spare's start);
+  than a server start, as episodes with model generation do: a spare ready and none still
+  starting, awaited untimed), and back to back (the next reset right after the last cell: it
+  waits for the spare's start);
 - ``step``: one cell (``print(1)``, and one API call) through ``env.step`` (``/execute`` plus the
   ``/task_completed`` check the env makes after each cell) versus ``world.execute`` (and
-  ``world.task_completed()``, which the in-process loop needs for the same decision);
+  ``world.task_completed()``, which the in-process loop needs for the same decision). These
+  cells run right after the reset, while the next episode's spare starts beside them, as the
+  first cells of every pool episode do;
 - ``finish``: the last cell, ``apis.supervisor.complete_task()``, and what follows it: the
-  completion check, the unit tests (``/evaluate``) and closing the world, versus the same four
-  calls in-process;
+  completion check, the unit tests (sealed: the saved state copied out to the evaluator
+  process) and the server's release, versus the same cell, check, ``world.evaluate()`` and
+  ``world.close()`` in-process. Timed twice too: at the end of an episode that outlasted the
+  next server's start (awaited untimed), and right after a back-to-back reset, while the next
+  server starts beside it;
 - cold start: the first ``reset`` of a new pool (start a server, initialise the task) versus
   importing AppWorld and building the first world in-process.
 
@@ -138,36 +144,53 @@ def in_process(root: Path, task_id: str, episodes: int, steps: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def settle(runtime, need_ready: bool) -> None:
+    """Wait, untimed, for the pool's state when an episode outlasts a server start (as an
+    agent's turns do): no spare still starting in the background, and one ready if asked."""
+    waited = time.perf_counter()
+    while runtime.starting_servers() or (need_ready and runtime.ready_servers() == 0):
+        if time.perf_counter() - waited > 600:
+            raise RuntimeError("the spare AppWorld server did not start in 600 s")
+        time.sleep(0.05)
+
+
 def through_pool(root: Path, task_id: str, episodes: int, steps: int) -> dict:
-    timings = {"reset": [], "reset_back_to_back": [], "finish": [], **{name: [] for name in CELLS}}
+    timings = {
+        "reset": [],
+        "reset_back_to_back": [],
+        "finish": [],
+        "finish_starting": [],
+        **{name: [] for name in CELLS},
+    }
+    finish = "```python\napis.supervisor.complete_task()\n```"
     env = AppWorldEnv(root=str(root), max_servers=1, max_turns=10_000)
     try:
         start = time.perf_counter()
         env.reset(options={"task_id": task_id})  # starts the pool's server
         timings["cold_start"] = time.perf_counter() - start
         for _ in range(episodes):  # back to back: the spare is still starting
-            env.step("```python\napis.supervisor.complete_task()\n```")
+            begin = time.perf_counter()
+            *_, terminated, _, _ = env.step(finish)
+            timings["finish_starting"].append(time.perf_counter() - begin)
+            assert terminated
             begin = time.perf_counter()
             env.reset(options={"task_id": task_id})
             timings["reset_back_to_back"].append(time.perf_counter() - begin)
-        env.step("```python\napis.supervisor.complete_task()\n```")
+        env.step(finish)
         runtime = env.runtime
         for _ in range(episodes):
-            waited = time.perf_counter()
-            while runtime.ready_servers() == 0:  # an agent's turns outlast a server start
-                if time.perf_counter() - waited > 600:
-                    raise RuntimeError("the spare AppWorld server did not start in 600 s")
-                time.sleep(0.05)
+            settle(runtime, need_ready=True)
             begin = time.perf_counter()
             env.reset(options={"task_id": task_id})
             timings["reset"].append(time.perf_counter() - begin)
-            for _ in range(steps):
+            for _ in range(steps):  # while the next episode's spare starts, as in any episode
                 for name, code in CELLS.items():
                     begin = time.perf_counter()
                     env.step(f"```python\n{code}\n```")
                     timings[name].append(time.perf_counter() - begin)
+            settle(runtime, need_ready=False)
             begin = time.perf_counter()
-            *_, terminated, _, _ = env.step("```python\napis.supervisor.complete_task()\n```")
+            *_, terminated, _, _ = env.step(finish)
             timings["finish"].append(time.perf_counter() - begin)
             assert terminated
     finally:
@@ -287,11 +310,14 @@ def measure(args: argparse.Namespace, root: Path) -> int:
         ("print", "step: print(1) (ms)"),
         ("api_call", "step: one API call (ms)"),
         ("finish", "finish: complete_task + evaluate (ms)"),
+        ("finish_starting", "finish, the next server starting (ms)"),
     ]:
         if name == "cold_start":
             pool_value, local_value = pool[name], local[name]
         elif name == "reset_back_to_back":  # in-process has no spare: the same reset
             pool_value, local_value = ms(pool[name]), ms(local["reset"])
+        elif name == "finish_starting":  # nor anything starting beside its finish
+            pool_value, local_value = ms(pool[name]), ms(local["finish"])
         else:
             pool_value, local_value = ms(pool[name]), ms(local[name])
         rows.append((label, pool_value, local_value, pool_value / local_value))
@@ -333,13 +359,16 @@ def measure(args: argparse.Namespace, root: Path) -> int:
         "",
         "Every pool episode runs in a bubblewrap sandbox of its own (envs/appworld/sealed.py), killed",
         "at the episode's end; the next episode's sandbox starts while the current one runs. Reset with",
-        "the spare ready: installing the task into the fresh sandbox and `/initialize`. Back to back:",
-        "the next reset right after the last cell, so it waits for most of a sandboxed server's start.",
-        "Pool steps include the `/task_completed` check after each cell; the in-process loop makes the",
-        "same `world.task_completed()` call. Finish includes copying the saved state out of the",
-        "sandbox and the separate evaluator process. Cold start: the first reset of a new pool (a",
-        "sandbox starts, importing AppWorld and all apps, then initialises the task) vs importing",
-        "AppWorld and building the first world in-process.",
+        "the spare ready (and no other server starting, as when an episode outlasts a server start):",
+        "installing the task into the fresh sandbox and `/initialize`. Back to back: the next reset",
+        "right after the last cell, so it waits for most of a sandboxed server's start. Pool steps run",
+        "while the next episode's server starts beside them and include the `/task_completed` check",
+        "after each cell; the in-process loop makes the same `world.task_completed()` call. Finish",
+        "includes copying the saved state out of the sandbox, the separate evaluator process and",
+        "killing the sandbox; it is timed at the end of an episode that outlasted the next server's",
+        "start, and again right after a back-to-back reset, with the next server starting beside it.",
+        "Cold start: the first reset of a new pool (a sandbox starts, importing AppWorld and all apps,",
+        "then initialises the task) vs importing AppWorld and building the first world in-process.",
         "",
         f"## Throughput (episodes = reset, 4 API cells, reference solution, evaluation; {args.duration:.0f} s each)",
         "",

@@ -143,6 +143,34 @@ def test_processes_sharing_server_urls_lease_each_server_to_one_episode(
         runtime.close()
 
 
+# ------------------------------------------------------------------ the spare for the next episode
+
+
+def test_the_next_episodes_spare_is_reserved_after_initialize_not_beside_it(
+    appworld_root, scenarios
+):
+    """A spare's start takes seconds of CPU, so the env's reset asks for it only after its own
+    /initialize (``acquire(start_spare=False)``, then ``start_spare()``): the reset leaves one
+    spare starting, reserved at once (observable without waiting), and a release refills its
+    slot at once too."""
+    environment = gym.make("eprl/AppWorld-v0", root=str(appworld_root), max_servers=2)
+    try:
+        environment.reset(options={"task_id": task_of(scenarios, "address")})
+        runtime = environment.unwrapped.runtime
+        assert runtime.starting_servers() + runtime.ready_servers() == 1
+        second = runtime.acquire(timeout_s=300, start_spare=False)  # waits for that spare
+        assert (runtime.starting_servers(), runtime.ready_servers()) == (0, 0)
+        runtime.start_spare()
+        assert runtime.starting_servers() == 1
+        runtime.start_spare()  # full: two episodes and one spare
+        assert runtime.starting_servers() + runtime.ready_servers() == 1
+        pid = second.process.pid
+        runtime.release(second)  # killed before release returns; its slot refilled at once
+        assert gone(pid) and runtime.starting_servers() + runtime.ready_servers() == 2
+    finally:
+        environment.close()
+
+
 # ------------------------------------------------------------------ no process left behind
 
 

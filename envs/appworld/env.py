@@ -290,7 +290,8 @@ class AppWorldEnv(gym.Env):
             task_id = pool[int(self.np_random.integers(len(pool)))]
         task_id = str(task_id)
         self._check_task_id(task_id)
-        server = self.runtime.acquire()
+        # the next episode's spare starts after /initialize, not beside it (seconds of CPU)
+        server = self.runtime.acquire(start_spare=False)
         experiment_name = f"eprl_{os.getpid()}_{next(self._episode_counter)}_{uuid.uuid4().hex[:8]}"
         try:
             if server.sealed:  # it holds no task until now, and never a ground truth
@@ -306,6 +307,7 @@ class AppWorldEnv(gym.Env):
         except BaseException as error:
             self.runtime.release(server, broken=isinstance(error, AppWorldServerError))
             raise
+        self.runtime.start_spare()
         self._lease.server, self._task_id, self._experiment_name = server, task_id, experiment_name
         self._lease.experiment_name = experiment_name
         self._task_split = next((s for s in self.splits if task_id in self._task_ids[s]), None)
@@ -428,9 +430,13 @@ class AppWorldEnv(gym.Env):
         return observation, float(reward), terminated, not terminated, info
 
     def _end_episode(self) -> None:
-        """Close the task world (if any) and give its server back to the pool."""
+        """Close the task world (if any) and give its server back to the pool. A sealed
+        server is killed on release, world and all, so it is not asked to close first."""
         self._done = True
         if self._lease.server is None:
+            return
+        if self._lease.server.sealed:
+            self._drop_server(broken=False)
             return
         broken = False
         try:

@@ -155,12 +155,23 @@ class AppWorldRuntime:
         with self._condition:
             return len(self._idle)
 
+    def starting_servers(self) -> int:
+        """Spares starting in the background, not answering yet (each takes seconds of CPU)."""
+        with self._condition:
+            return self._spares_starting
+
     def pids(self) -> list[int]:
         """Process ids of the live servers this runtime started."""
         return [process.pid for process in self._processes if process.poll() is None]
 
-    def acquire(self, timeout_s: float | None = None) -> AppWorldServer:
-        """An idle, answering server, started if needed; waits while all ``max_servers`` are busy."""
+    def acquire(self, timeout_s: float | None = None, start_spare: bool = True) -> AppWorldServer:
+        """An idle, answering server, started if needed; waits while all ``max_servers`` are busy.
+
+        Handing out a sealed server starts the next episode's spare in the background; with
+        ``start_spare=False`` the caller does that itself (``start_spare()``) once the work it
+        is waiting for is done, so that the spare's start (seconds of CPU) does not compete
+        with, say, the episode's ``/initialize``. ``release`` starts one in any case.
+        """
         timeout_s = self.acquire_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while True:
@@ -199,8 +210,8 @@ class AppWorldRuntime:
             if server is None:
                 break
             if server.healthy():  # outside the lock: a wedged server must not block the pool
-                if server.sealed:  # the next episode's server starts while this one runs
-                    self._refill()
+                if server.sealed and start_spare:  # the next episode's server starts now
+                    self.start_spare()
                 return server
             with self._condition:
                 self._busy -= 1
@@ -224,14 +235,15 @@ class AppWorldRuntime:
             if doomed is not None:
                 kill_process_groups([doomed])
             raise AppWorldRuntimeError(f"{self} was closed while a server was starting")
-        if server.sealed:
-            self._refill()
+        if server.sealed and start_spare:
+            self.start_spare()
         return server
 
     def release(self, server: AppWorldServer, broken: bool = False) -> None:
-        """Give a server back. A sealed server ran its one episode: it is stopped and a fresh
-        one starts in the background; a URL's lease is released (the next episode of any
-        process may take it), and a broken URL is leased again only once it answers."""
+        """Give a server back. A sealed server ran its one episode: it is killed (every process
+        of its sandbox is gone when this returns), and its directory is removed and a fresh one
+        starts in the background; a URL's lease is released (the next episode of any process
+        may take it), and a broken URL is leased again only once it answers."""
         doomed = None
         with self._condition:
             self._busy -= 1
@@ -242,9 +254,16 @@ class AppWorldRuntime:
             self._condition.notify()
         if doomed is not None:
             kill_process_groups([doomed])
-        if server.sealed:
-            shutil.rmtree(server.directory, ignore_errors=True)
-            self._refill()
+        if server.sealed:  # nothing runs there any more; close() removes what is left
+            reserved = self._reserve_spare()
+            threading.Thread(
+                target=self._retire, args=(server.directory, reserved), daemon=True
+            ).start()
+
+    def _retire(self, directory: Path, spare_reserved: bool) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+        if spare_reserved:
+            self._start_spare(reserved=True)
 
     def evaluate(
         self, server: AppWorldServer, task_id: str, experiment_name: str, timeout_s: float
@@ -379,8 +398,11 @@ class AppWorldRuntime:
                 self._workdir["path"] = path
             return self._workdir["path"]
 
-    def _refill(self) -> None:
-        threading.Thread(target=self._start_spare, daemon=True).start()
+    def start_spare(self) -> None:
+        """Start, in the background, a sealed server for the next episode if the pool has room
+        for one (nothing to do when it is full, closed, or made of URLs)."""
+        if not self.server_urls and self._reserve_spare():
+            threading.Thread(target=self._start_spare, args=(False, True), daemon=True).start()
 
     def prestart(self) -> bool:
         """Start a server for the next episode now and return once it answers (True), so the
@@ -405,13 +427,21 @@ class AppWorldRuntime:
             raise AppWorldRuntimeError(f"the AppWorld evaluator did not start: {error}") from error
         return started
 
-    def _start_spare(self, raise_errors: bool = False) -> bool:
-        """Start a server for the next episode while nobody waits for it (in a thread)."""
+    def _reserve_spare(self) -> bool:
+        """Count a spare as starting now, in the caller's thread, if the pool has room for one
+        (so ``starting_servers()`` says so as soon as ``start_spare`` returns)."""
         with self._condition:
             if self._closed or self._n_servers >= self._capacity:
                 return False
             self._n_servers += 1
             self._spares_starting += 1
+            return True
+
+    def _start_spare(self, raise_errors: bool = False, reserved: bool = False) -> bool:
+        """Start a server for the next episode while nobody waits for it (in a thread); its
+        slot is reserved here unless the caller already did (``_reserve_spare``)."""
+        if not reserved and not self._reserve_spare():
+            return False
         try:
             server = self._start_server()
         except Exception as error:  # noqa: BLE001 (the next acquire starts one and reports)
