@@ -262,10 +262,10 @@ ratios are taken within each repeat, then summarised the same way.
   fewer live rows, so their tokens/s is lower than a raw row's for that reason alone. The
   `VLLMPolicy.generate` row (same stop string, no environment) is the vllm runner's peer that
   isolates the runner's own cost; episodes/s compares the two runners.
-- A sampled answer that loops forever costs the environment a 10 s cell timeout for every
-  hidden test on which it loops (up to 4 per episode here): one such episode in 16 can double a
-  runner's wall time, so the runner rows move with which answers were sampled; the
-  `generate`-only line does not.
+- A sampled answer that loops forever costs the environment its grading budget
+  (`grading_budget_s`, 5 s per submission; before it, a 10 s cell timeout per hidden test it
+  looped on, up to 40 s): one such episode in 16 still adds seconds to a runner's wall time,
+  so the runner rows move with which answers were sampled; the `generate`-only line does not.
 - Shared 2-core machine: other jobs' load moves single numbers (the load average above);
   the spread over repeats shows how much.
 """
