@@ -3,13 +3,19 @@
 Every writer in eprl that replaces a file (results, configs, trajectories, checkpoints, the
 converted model folder) goes through :func:`atomic_write_text` or :func:`replace_dir`, and every
 append-only log (``metrics.jsonl``, the evaluation sidecar) through :func:`append_line`.
+Files a user names (run and serve configs, result files) are read by :func:`read_data_file`, so
+that a missing or unparsable one is refused in the same words everywhere.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Literal
+
+import yaml
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -58,3 +64,25 @@ def replace_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> P
     os.replace(tmp, final)
     fsync_dir(final.parent)
     return final
+
+
+_PARSERS = {"YAML": (yaml.safe_load, yaml.YAMLError), "JSON": (json.loads, json.JSONDecodeError)}
+
+
+def read_data_file(
+    path: str | os.PathLike[str],
+    what: str,
+    language: Literal["YAML", "JSON"],
+    error: type[Exception] = ValueError,
+) -> Any:
+    """What a YAML or JSON file that a user named holds; ``error`` naming the file when it is
+    missing or does not parse, worded alike for every such file (``what``: "config file",
+    "result file", ...). Checking the content's shape is the caller's."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {str(p)!r} does not exist")
+    parse, parse_error = _PARSERS[language]
+    try:
+        return parse(p.read_text())
+    except parse_error as exc:
+        raise error(f"{what} {str(p)!r} is not valid {language}: {exc}") from None

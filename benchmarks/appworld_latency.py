@@ -44,7 +44,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -61,6 +60,9 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _bench_util import machine  # noqa: E402
+
+from agent.io import atomic_write_text  # noqa: E402
 from envs.appworld import AppWorldEnv  # noqa: E402
 from envs.appworld import cli as appworld_cli  # noqa: E402
 from envs.appworld.runtime import resolve_python, resolve_root  # noqa: E402
@@ -104,11 +106,6 @@ IN_PROCESS = textwrap.dedent("""
             timings["finish"].append(now() - begin)
     print(json.dumps(timings))
 """)
-
-
-def machine() -> str:
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.processor() or 'unknown CPU'}, {os.cpu_count()} logical CPUs, {mem_gib:.0f} GiB RAM, {platform.platform()}"
 
 
 def ms(values: list[float]) -> float:
@@ -393,7 +390,7 @@ def measure(args: argparse.Namespace, root: Path) -> int:
         "take a larger share of the CPU from other users.",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -26,7 +26,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import signal
 import socket
@@ -46,7 +45,10 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _bench_util import machine  # noqa: E402
+
 import envs  # noqa: E402, F401  (registers the ids)
+from agent.io import atomic_write_text  # noqa: E402
 
 ENV_ID = "eprl/CodeExec-v0"
 CELL = "```python\nx = 1\n```"
@@ -174,19 +176,6 @@ def idle_memory(url: str, idle: int, kwargs: dict, warm_cell: bool) -> dict:
         key: (statistics.mean(m[key] for m in per_session), max(m[key] for m in per_session))
         for key in ("rss", "pss", "uss")
     }
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = psutil.virtual_memory().total / 2**30
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {memory:.0f} GiB RAM, {platform.platform()}"
 
 
 def main() -> None:
@@ -377,7 +366,7 @@ def codeexec(args: argparse.Namespace) -> None:
         " CA file; the connection is kept alive, so the handshake is paid once per session.",
         "",
     ]
-    Path(args.out).write_text("\n".join(lines))
+    atomic_write_text(Path(args.out), "\n".join(lines))
     print("\n".join(lines))
 
 

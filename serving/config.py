@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from agent.io import read_data_file
 from serving.settings import TOKEN_ENV_VAR, ServeSettings
 
 _SECRET_KEYS = frozenset({"token"})
@@ -47,12 +48,7 @@ def _format(err: ValidationError, source: str) -> str:
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The mapping in a YAML config file (an empty file is an empty mapping)."""
     p = Path(path)
-    if not p.is_file():
-        raise ServeConfigError(f"serve config file {str(p)!r} does not exist")
-    try:
-        loaded = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ServeConfigError(f"serve config file {str(p)!r} is not valid YAML: {exc}") from None
+    loaded = read_data_file(p, "serve config file", "YAML", error=ServeConfigError)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

@@ -231,6 +231,9 @@ def test_sequential_learning_continues_each_phase_one_model_and_resumes(tiny_mod
     assert load_config(runs / "p2_base_s0" / "config.yaml").model.name == str(tiny_model_dir)
     assert load_config(runs / "p1_grpo_s0" / "config.yaml").objective.advantage == "grpo"
     assert load_config(runs / "p1_repo_r_s0" / "config.yaml").objective.repo.variant != "none"
+    # phase 1 is evaluated at its end only; phase 2 from its step 0 (its curve's start)
+    assert not load_config(runs / "p1_grpo_s0" / "config.yaml").eval.at_start
+    assert load_config(runs / "p2_grpo_s0" / "config.yaml").eval.at_start
     # different starting weights: the first phase-2 batch's entropy differs from the base start's
     first = {
         s: next(r for r in rows(runs / f"p2_{s}_s0") if "entropy/mean" in r)["entropy/mean"]

@@ -12,7 +12,6 @@ object (round trip).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent.config import DEFAULT_STOP, PolicyConfig
 from agent.io import atomic_write_text
+from agent.io import read_data_file as _read_data_file
 from serving.settings import TOKEN_ENV_VAR
 
 
@@ -410,26 +410,14 @@ def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-_PARSERS = {"YAML": (yaml.safe_load, yaml.YAMLError), "JSON": (json.loads, json.JSONDecodeError)}
-
-
 def read_data_file(
     path: str | os.PathLike[str],
     what: str,
     language: Literal["YAML", "JSON"],
     error: type[Exception] = ConfigError,
 ) -> Any:
-    """What a YAML or JSON file that a user named holds; ``error`` naming the file when it is
-    missing or does not parse, worded alike for every such file (``what``: "config file",
-    "result file", ...). Checking the content's shape is the caller's."""
-    p = Path(path)
-    if not p.is_file():
-        raise error(f"{what} {str(p)!r} does not exist")
-    parse, parse_error = _PARSERS[language]
-    try:
-        return parse(p.read_text())
-    except parse_error as exc:
-        raise error(f"{what} {str(p)!r} is not valid {language}: {exc}") from None
+    """:func:`agent.io.read_data_file` with a :class:`ConfigError` by default."""
+    return _read_data_file(path, what, language, error)
 
 
 def load_config(
