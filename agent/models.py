@@ -124,15 +124,20 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
-    """Load a causal LM for training or in-process generation."""
+def load_model(
+    name: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa"
+):
+    """Load a causal LM for training or in-process generation; ``attn_implementation`` is
+    transformers' (``sdpa``, ``eager``, ``flash_attention_2``, ...)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(name), dtype=torch_dtype, attn_implementation=attn_implementation
+    )
     return model.to(device)
 
 

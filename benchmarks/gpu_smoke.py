@@ -177,6 +177,53 @@ def export_worker(args: argparse.Namespace) -> None:
     del keep
 
 
+def flash_varlen_check(model: str) -> str:
+    """The learner's forward on flash-attention's varlen kernel (rows packed into one, bf16 body)
+    against sdpa's padded forward in bf16, both measured against sdpa in float32: the result's
+    line. The CPU test of the same path runs a reference kernel (tests/test_trainer_packing.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return "- flash-attention varlen packing: not checked (flash-attn is not installed)"
+    import torch
+    from transformers import AutoConfig
+
+    from agent.models import load_model, resolve_model
+    from trainer.learner import LogprobModel
+
+    lengths = [37, 64, 90, 128]
+    width = max(lengths)
+    vocab = AutoConfig.from_pretrained(resolve_model(model)).vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(200, vocab, (len(lengths), width), generator=gen).cuda()
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long().cuda()
+    logprobs, layouts = {}, {}
+    for name, attention, autocast in (
+        ("sdpa fp32", "sdpa", None),
+        ("sdpa bf16", "sdpa", torch.bfloat16),
+        ("flash bf16", "flash_attention_2", torch.bfloat16),
+    ):
+        lm = load_model(model, device="cuda", attn_implementation=attention)
+        mode = "off" if attention == "sdpa" else "auto"
+        forward = LogprobModel(lm, autocast_dtype=autocast, shared_prefix=mode, packing=mode)
+        with torch.no_grad():
+            logprobs[name], _ = forward(ids, mask, torch.roll(ids, -1, 1))
+        layouts[name] = forward.last_layout["layout"]
+        del lm, forward
+        torch.cuda.empty_cache()
+    used = mask.bool()
+
+    def gap(name: str) -> float:
+        return float((logprobs[name] - logprobs["sdpa fp32"])[used].abs().mean())
+
+    verdict = "ok" if gap("flash bf16") <= 2 * gap("sdpa bf16") + 1e-6 else "TOO LARGE"
+    return (
+        f"- flash-attention varlen packing ({layouts['flash bf16']} layout, rows of "
+        f"{lengths} tokens): mean |log-prob gap| to sdpa fp32 {gap('flash bf16'):.2e}, "
+        f"sdpa bf16 padded {gap('sdpa bf16'):.2e} ({verdict}: within 2x)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.export_worker:
@@ -233,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- weight export ({exported['numel'] / 1e6:.0f}M parameters, bf16, streamed): "
             + ", ".join(f"{s:.2f}" for s in exported["seconds"])
             + " s",
+            flash_varlen_check(args.model),
         ]
     )
     path = write_result("gpu_smoke", "GPU smoke run", body, started, machine_line)

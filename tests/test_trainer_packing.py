@@ -251,3 +251,90 @@ def test_config_switch_defaults_to_auto_and_names_a_bad_value():
     assert (cfg.trainer.shared_prefix, cfg.trainer.packing) == ("auto", "auto")
     with pytest.raises(Exception, match="shared_prefix"):
         load_config(None, ["trainer.shared_prefix=always"])
+
+
+class VarlenReference:
+    """A CPU analogue of flash-attention's varlen kernel (the GPU's, which cannot run here),
+    installed under transformers' ``flash_attention_2`` name: causal SDPA inside each sequence
+    of the flat row that ``cu_seq_lens_q`` delimits, nothing across. It records what it was
+    handed, so a test can tell that the learner really took the varlen path."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        cumulative = kwargs["cu_seq_lens_q"]
+        self.calls.append(
+            {
+                "mask": attention_mask,
+                "cumulative": cumulative.tolist(),
+                "dtype": cumulative.dtype,
+                "max_length": kwargs["max_length_q"],
+                "shape": tuple(query.shape),
+            }
+        )
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        out = torch.empty_like(query)
+        bounds = cumulative.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            out[:, :, start:end] = torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                is_causal=True,
+                scale=scaling,
+            )
+        return out.transpose(1, 2), None  # flash's layout: [batch, sequence, heads, dim]
+
+
+def test_varlen_kernels_get_one_flat_row_and_match_the_padded_forward(tiny_model_dir, monkeypatch):
+    """model.attn_implementation=flash_attention_2 (GPU): every row end to end in one row with
+    cumulative lengths and no mask; log-probs and gradients equal sdpa's padded forward."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from agent.models import load_model
+
+    kernel = VarlenReference()
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", kernel)
+    episodes = group_episodes(49152, seed=9)
+    batch = batch_of(episodes, seed=9)
+    lm = load_model(tiny_model_dir)
+    outs = {}
+    for attention in ("sdpa", "flash_attention_2"):
+        lm.config._attn_implementation = attention
+        mode = "off" if attention == "sdpa" else "auto"
+        model = LogprobModel(lm, chunk_size=5, shared_prefix=mode, packing=mode)
+        lm.zero_grad()
+        logprobs, entropy = model(batch.input_ids, batch.attention_mask, batch.target_ids)
+        (logprobs.sum() + entropy.sum()).backward()
+        outs[attention] = (
+            logprobs.detach(),
+            entropy.detach(),
+            {n: p.grad.clone() for n, p in lm.named_parameters()},
+        )
+        assert model.last_layout["layout"] == ("padded" if attention == "sdpa" else "varlen")
+    lengths = batch.attention_mask.sum(1).tolist()
+    layers = lm.config.num_hidden_layers
+    assert len(kernel.calls) == layers  # one forward, every layer through the varlen kernel
+    call = kernel.calls[0]
+    assert call["mask"] is None and call["dtype"] == torch.int32
+    assert call["cumulative"] == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert call["max_length"] == max(lengths)
+    assert call["shape"][2] == sum(lengths) < batch.input_ids.numel()  # no padding computed
+    for index in (0, 1):
+        assert torch.allclose(outs["flash_attention_2"][index], outs["sdpa"][index], atol=1e-5)
+    assert_same_gradients(outs["sdpa"][2], outs["flash_attention_2"][2])
+
+
+def test_flash_attention_needs_a_16_bit_body_and_loads_by_name(tiny_model_dir):
+    from agent.models import load_model
+    from trainer.config import load_config
+
+    with pytest.raises(Exception, match="flash_attention_2.*model.dtype=bfloat16"):
+        load_config(None, ["model.attn_implementation=flash_attention_2"])
+    cfg = load_config(None, ["model.attn_implementation=flash_attention_2", "model.dtype=bfloat16"])
+    assert cfg.model.attn_implementation == "flash_attention_2"
+    assert load_model(tiny_model_dir, attn_implementation="eager").config._attn_implementation == (
+        "eager"
+    )

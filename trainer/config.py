@@ -39,6 +39,20 @@ class ModelConfig(_Section):
     name: str = "smollm2-135m-instruct"
     # dtype of the learner's (and in-process policy's) weights; the loss path is set by `precision`
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # the transformer body's attention kernel (transformers' attn_implementation): sdpa by
+    # default; flash_attention_2 / _3 on GPUs with flash-attn installed, where the learner packs
+    # sequences for its varlen kernels (trainer/packing.py, docs/training.md)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _flash_needs_half_precision(self) -> ModelConfig:
+        if self.attn_implementation.startswith("flash") and self.dtype != "bfloat16":
+            raise ValueError(
+                f"model.attn_implementation={self.attn_implementation!r} runs only in 16-bit "
+                f"precision and the body would run in {self.dtype}: set model.dtype=bfloat16 "
+                "(the LM head and the loss stay in float32) or use sdpa"
+            )
+        return self
 
 
 class EnvConfig(_Section):

@@ -139,14 +139,10 @@ class LogprobModel(nn.Module):
             source = torch.arange(input_ids.numel(), device=input_ids.device).view_as(input_ids)
             self.last_layout = {"layout": "padded", "positions": input_ids.numel(), "shared": 0}
         else:
-            inputs = {
-                "input_ids": layout.input_ids,
-                "attention_mask": layout.attention_mask(attention),
-                "position_ids": layout.position_ids,
-            }
+            inputs = layout.model_inputs(attention)
             source = layout.source
             self.last_layout = {
-                "layout": "packed",
+                "layout": "varlen" if layout.varlen else "packed",
                 "positions": layout.packed_positions,
                 "shared": layout.shared_tokens,
             }

@@ -87,7 +87,8 @@ class Trainer:
         weights = str(checkpoint) if checkpoint is not None else cfg.model.name
         self.model_path = resolve_model(weights)
         self.tokenizer = load_tokenizer(weights)
-        lm = load_model(weights, dtype="float32", device="cpu")
+        attention = cfg.model.attn_implementation
+        lm = load_model(weights, dtype="float32", device="cpu", attn_implementation=attention)
         if cfg.trainer.lora.enabled:
             lm = apply_lora(lm, cfg.trainer.lora)
 
@@ -108,7 +109,7 @@ class Trainer:
         updates = cfg.steps * cfg.trainer.epochs * cfg.trainer.mini_batches
         # objective.kl_coef's reference is the initial model, also when resuming a checkpoint
         reference = (
-            load_model(cfg.model.name, dtype="float32", device="cpu")
+            load_model(cfg.model.name, dtype="float32", device="cpu", attn_implementation=attention)
             if cfg.objective.kl_coef > 0
             else None
         )

@@ -21,14 +21,24 @@ the padded forward computes there:
 
 The mask is an explicit ``[R, 1, L, L]`` tensor handed to the model (transformers uses a 4D mask
 as given), so it needs an attention implementation that takes arbitrary masks: ``sdpa`` (boolean
-mask) or ``eager`` (additive float mask). flash-attention-2 takes none (its varlen kernels pack
-without sharing), so there ``auto`` falls back to the padded forward and ``on`` refuses.
+mask) or ``eager`` (additive float mask).
+
+**Varlen kernels** (``model.attn_implementation: flash_attention_2`` / ``_3``, the GPU's choice)
+take no mask: they read the sequences of one flat row from their cumulative lengths
+(``cu_seqlens``) and compute only the causal pairs inside each. There every row is laid end to
+end in a single ``[1, N]`` row (N = the real tokens, no padding at all; position ids restart at 0
+per row) and transformers is handed ``cu_seq_lens_q/k`` and ``max_length_q/k``, which its flash
+path passes to ``flash_attn_varlen_func``. A prefix cannot be shared there (a continuation would
+attend to another sequence's keys, which cumulative lengths cannot say), so ``shared_prefix``
+``auto`` does not share and ``on`` refuses.
 
 Whether the layout pays is estimated in "token units": a position costs 1 (the body's matmuls,
 ~24 d^2 FLOPs per layer) and a query-key pair costs 1 / (6 d) (its ~4 d FLOPs), d the hidden
 size. A dense mask computes every pair of a packed row, the padded forward every pair of a
-padded row (half with no padding: the causal kernel skips the rest). ``auto`` takes the layout
-when it costs under 90 % of the padded forward.
+padded row (half with no padding: the causal kernel skips the rest); varlen kernels compute the
+causal pairs of each real sequence in both layouts (transformers unpads a padded batch for
+them), so there packing saves exactly the padded positions' matmuls. ``auto`` takes the layout
+when it costs under 90 % of the padded forward, and for a varlen kernel whenever a row is padded.
 """
 
 from __future__ import annotations
@@ -43,6 +53,15 @@ Mode = Literal["auto", "on", "off"]
 MODES = ("auto", "on", "off")
 # attention implementations that apply an explicit 4D mask as given
 MASKED_ATTENTION = ("sdpa", "eager")
+
+
+def is_varlen(attention: str) -> bool:
+    """Whether ``attention`` (a model's ``_attn_implementation``) is a flash-attention kernel,
+    which takes packed sequences as cumulative lengths and no mask (transformers' names:
+    ``flash_attention_2/3/4`` or a hub kernel such as ``kernels-community/flash-attn2``)."""
+    return attention.startswith("flash_attention") or "flash-attn" in attention
+
+
 # auto uses the layout only when its estimated cost is below this share of the padded forward's
 AUTO_THRESHOLD = 0.9
 
@@ -66,6 +85,30 @@ class PackedLayout:
     shared_tokens: int  # positions the padded forward computes more than once, computed once here
     padded_positions: int  # B * T
     packed_positions: int  # R * L
+    # one flat row of unshared sequences for a varlen kernel (cumulative lengths, no mask)
+    varlen: bool = False
+
+    def model_inputs(self, implementation: str) -> dict[str, Tensor | int]:
+        """The keyword arguments of the transformer body's forward for this layout: the mask
+        for ``sdpa`` / ``eager``, the cumulative sequence lengths for a varlen kernel."""
+        inputs: dict[str, Tensor | int] = {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+        }
+        if not self.varlen:
+            inputs["attention_mask"] = self.attention_mask(implementation)
+            return inputs
+        starts = (self.position_ids[0] == 0).nonzero().view(-1)
+        end = torch.tensor([self.position_ids.shape[1]], device=starts.device)
+        cumulative = torch.cat([starts, end]).to(torch.int32)
+        longest = int(cumulative.diff().max())
+        inputs.update(
+            cu_seq_lens_q=cumulative,
+            cu_seq_lens_k=cumulative,
+            max_length_q=longest,
+            max_length_k=longest,
+        )
+        return inputs
 
     def attention_mask(self, implementation: str, dtype: torch.dtype = torch.float32) -> Tensor:
         """The ``[R, 1, L, L]`` mask for ``implementation``: boolean (True = attend) for sdpa,
@@ -196,7 +239,15 @@ def plan_layout(
         return None
     modes = (("shared_prefix", shared_prefix), ("packing", packing))
     forced = [f"trainer.{name}=on" for name, value in modes if value == "on"]
-    if attention not in MASKED_ATTENTION:
+    varlen = is_varlen(attention)
+    if varlen and shared_prefix == "on":
+        raise ValueError(
+            f"trainer.shared_prefix=on needs an attention implementation that takes an explicit "
+            f"mask ({', '.join(MASKED_ATTENTION)}); the model uses {attention!r}, whose varlen "
+            "kernels pack sequences but cannot share a prefix: set trainer.shared_prefix to "
+            "auto or off (packing still applies)"
+        )
+    if attention not in MASKED_ATTENTION and not varlen:
         if forced:
             raise ValueError(
                 f"{' and '.join(forced)} needs an attention implementation that takes an "
@@ -217,6 +268,8 @@ def plan_layout(
         return None
     batch, width = input_ids.shape
     pair_weight = 1.0 / (6.0 * hidden_size)
+    if varlen:
+        return _plan_varlen(input_ids, lengths, packing)
     share = shared_prefix != "off"
     lcp = common_prefix_lengths(input_ids, lengths_t).tolist() if share else []
     segments = _segments(lengths, lcp, share, pair_weight)
@@ -228,6 +281,22 @@ def plan_layout(
         if packed >= AUTO_THRESHOLD * padded:
             return None
     return _build(input_ids, lengths, bins, rows, length, batch, width)
+
+
+def _plan_varlen(input_ids: Tensor, lengths: list[int], packing: Mode) -> PackedLayout | None:
+    """Every row end to end in one flat row, for a varlen kernel (module docstring)."""
+    if packing == "off":
+        return None
+    batch, width = input_ids.shape
+    total = sum(lengths)
+    # both layouts run the same attention pairs, so the flat row is cheaper by exactly the
+    # padded positions' matmuls: auto takes it whenever there is padding
+    if packing == "auto" and total == batch * width:
+        return None
+    segments = [_Segment([row], n, n) for row, n in enumerate(lengths) if n > 0]
+    layout = _build(input_ids, lengths, [segments], 1, total, batch, width)
+    layout.varlen = True
+    return layout
 
 
 def _build(input_ids, lengths, bins, rows, length, batch, width) -> PackedLayout:
