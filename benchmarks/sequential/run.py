@@ -13,10 +13,12 @@ its start and every ``eval.every`` steps. Several seeds; the report is the media
 Each run is an eprl run directory ``RUNS/p1_<method>_s<seed>`` or ``RUNS/p2_<start>_s<seed>``
 (``start`` = base | grpo | repo_r). A finished run holds ``sequential_done.json`` and is
 skipped; an interrupted one resumes from its last checkpoint; so the driver can be stopped at
-any time and started again. Phase 2 of a start waits for that start's phase-1 run of the same
-seed. After every run it rewrites ``benchmarks/sequential/RESULTS.md`` and ``sequential.png``
-(:mod:`analyze`). The shared recipe is ``config.yaml`` beside this file; ``--set key=value``
-overrides it for every run.
+any time and started again. Finished runs' records (config, metrics, per-task evaluations) are
+committed; their checkpoints are not, so a phase-2 run whose phase-1 start lost its weights
+(a new clone) says so and names the folder to delete. Phase 2 of a start waits for that
+start's phase-1 run of the same seed. After every run it rewrites
+``benchmarks/sequential/RESULTS.md`` and ``sequential.png`` (:mod:`analyze`). The shared recipe
+is ``config.yaml`` beside this file; ``--set key=value`` overrides it for every run.
 
 Budget: a phase-2 run costs about as much as the quick start's training with four evaluations
 (~7 min on 2 free cores at 12 steps), a phase-1 run (one evaluation) less, so 3 seeds x
@@ -114,7 +116,13 @@ def start_model(runs_root: Path, name: str) -> str | None:
     source = runs_root / f"p1_{start}_s{seed}"
     if not (source / DONE).exists():
         raise RuntimeError(f"{name} starts from {source}, which has not finished")
-    return str(latest_checkpoint(source))
+    checkpoint = latest_checkpoint(source)
+    if checkpoint is None:  # run records are committed, checkpoints are not
+        raise RuntimeError(
+            f"{name} starts from {source}, which finished but has no checkpoint left (weights "
+            f"are not committed with the run records): delete {source} to train it again"
+        )
+    return str(checkpoint)
 
 
 def run_one(runs_root: Path, name: str, phase: str, overrides: list[str]) -> None:
