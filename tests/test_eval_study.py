@@ -243,7 +243,9 @@ def test_sequential_learning_continues_each_phase_one_model_and_resumes(tiny_mod
     text = (out / "RESULTS.md").read_text()
     for label in ("base model", "after GRPO (phase 1)", "after REPO-R (phase 1)"):
         row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
-        assert "not run yet" not in row
+        assert "not run yet" not in row and "(1 finished)" in row
+    # the paired comparison of the starts, seed by seed, once both have finished
+    assert "after REPO-R (phase 1) minus after GRPO (phase 1), seed 0: final pass@1" in text
     assert (out / "sequential.png").stat().st_size > 5_000
     sizes = {p.name: (p / "metrics.jsonl").stat().st_size for p in runs.iterdir() if p.is_dir()}
     assert sequential.main(argv) == 0  # everything finished: skipped

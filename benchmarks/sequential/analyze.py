@@ -3,8 +3,9 @@
 Per phase-2 start (base, GRPO's phase-1 model, REPO-R's): held-out pass@1 on the new task set at
 phase 2's start and end, per seed and their median, the end's 95% bootstrap interval (the
 trainer's ``eval/test/pass@1_lo/_hi``), and the phase-1 model's entropy change (the mean of
-its first 3 training steps to its last 3). The figure: held-out pass@1 against phase-2 steps,
-the median across seeds with a band from the lowest to the highest seed.
+its first 3 training steps to its last 3); then each pair of starts compared seed by seed
+(final pass@1 and the mean over phase 2's evaluations). The figure: held-out pass@1 against
+phase-2 steps, the median across seeds with a band from the lowest to the highest seed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from trainer.logger import read_metrics  # noqa: E402
 
 STARTS = {"base": "base model", "grpo": "after GRPO (phase 1)", "repo_r": "after REPO-R (phase 1)"}
 KEY = "eval/test/pass@1"
+DONE = "sequential_done.json"  # run.py's marker of a finished run
 
 
 def _runs(runs_root: Path, prefix: str) -> dict[int, list[dict]]:
@@ -61,6 +63,7 @@ def summarize(runs_root: Path) -> dict[str, dict]:
             seed: {
                 "curve": curve(rows),
                 "phase1_entropy_change": entropy_change(phase1[seed]) if seed in phase1 else None,
+                "done": (runs_root / f"p2_{start}_s{seed}" / DONE).exists(),
             }
             for seed, rows in phase2.items()
             if curve(rows)
@@ -89,12 +92,62 @@ def table(summary: dict[str, dict]) -> str:
         firsts = [seeds[s]["curve"][0][1] for s in order]
         ends = [seeds[s]["curve"][-1] for s in order]
         changes = [seeds[s]["phase1_entropy_change"] for s in order]
-        per_seed = ", ".join(f"{e[1]:.3f} [{e[2]:.3f}, {e[3]:.3f}] (step {e[0]})" for e in ends)
+        done = [seeds[s]["done"] for s in order]
+        per_seed = ", ".join(
+            f"{e[1]:.3f} [{e[2]:.3f}, {e[3]:.3f}] (step {e[0]}{'' if d else ', running'})"
+            for e, d in zip(ends, done, strict=True)
+        )
+        finished = [e[1] for e, d in zip(ends, done, strict=True) if d]
         lines.append(
             f"| {label} | {', '.join(map(str, order))} | "
             f"{', '.join(_fmt(c, True) for c in changes) if start != 'base' else '-'} | "
             f"{', '.join(_fmt(v) for v in firsts)} | {per_seed} | "
-            f"**{_fmt(median([e[1] for e in ends]))}** |"
+            f"**{_fmt(median(finished) if finished else None)}** ({len(finished)} finished) |"
+        )
+    return "\n".join(lines)
+
+
+def _curve_mean(points: list[tuple[int, float, float, float]]) -> float:
+    return sum(p[1] for p in points) / len(points)
+
+
+def compare(summary: dict[str, dict], a: str, b: str) -> list[tuple[int, float, float]]:
+    """(seed, end difference, curve-mean difference) of start ``a`` minus start ``b``, on the
+    seeds where both finished, evaluated at the same phase-2 steps."""
+    out = []
+    first, second = summary.get(a) or {}, summary.get(b) or {}
+    for seed in sorted(set(first) & set(second)):
+        if not (first[seed]["done"] and second[seed]["done"]):
+            continue
+        ca, cb = first[seed]["curve"], second[seed]["curve"]
+        if [p[0] for p in ca] != [p[0] for p in cb]:
+            continue
+        out.append((seed, ca[-1][1] - cb[-1][1], _curve_mean(ca) - _curve_mean(cb)))
+    return out
+
+
+def verdict(summary: dict[str, dict]) -> str:
+    """Each pair of starts, seed by seed: the end's and the whole curve's difference."""
+    lines = []
+    for a, b in (("repo_r", "grpo"), ("repo_r", "base"), ("grpo", "base")):
+        rows = compare(summary, a, b)
+        name = f"{STARTS[a]} minus {STARTS[b]}"
+        if not rows:
+            lines.append(f"- {name}: no seed where both have finished")
+            continue
+        ends, means = [r[1] for r in rows], [r[2] for r in rows]
+        if all(e > 0 for e in ends):
+            word = "higher in every seed"
+        elif all(e < 0 for e in ends):
+            word = "lower in every seed"
+        else:
+            word = "mixed across seeds"
+        lines.append(
+            f"- {name}, seed{'s' if len(rows) > 1 else ''} "
+            f"{', '.join(str(r[0]) for r in rows)}: final pass@1 "
+            f"{', '.join(f'{e:+.3f}' for e in ends)} (median {median(ends):+.3f}; {word}); "
+            f"mean over the phase-2 evaluations {', '.join(f'{m:+.3f}' for m in means)} "
+            f"(median {median(means):+.3f})"
         )
     return "\n".join(lines)
 
@@ -158,8 +211,16 @@ machine: {machine()}.
 
 ![held-out pass@1 against phase-2 steps](sequential.png)
 
+Seed by seed (the same seed's phase-2 tasks and sampling, so differences are paired; the mean
+over the phase-2 evaluations, step 0 included, measures how fast a start learns):
+
+{verdict(summary)}
+
 How to read this: the claim under test is that a phase-1 objective which keeps entropy (REPO-R)
 leaves a model that learns the next task set faster than one whose entropy collapsed (GRPO).
-It holds here only where REPO-R's median end is above GRPO's and the seeds' ranges agree.
+It holds here only where REPO-R's median end is above GRPO's and the seeds agree; and it is
+only tested where phase 1 did what the claim assumes (the phase-1 entropy column: REPO-R held,
+GRPO fell). An end interval of +-0.2 on 20 tasks x 4 samples means single-seed differences
+under ~0.2 are noise.
 """
     return atomic_write_text(out_dir / "RESULTS.md", text)
