@@ -20,8 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.config import DEFAULT_STOP, PolicyConfig
-from agent.io import atomic_write_text
-from agent.io import read_data_file as _read_data_file
+from agent.io import atomic_write_text, read_data_file
 from serving.settings import TOKEN_ENV_VAR
 
 
@@ -424,16 +423,6 @@ def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def read_data_file(
-    path: str | os.PathLike[str],
-    what: str,
-    language: Literal["YAML", "JSON"],
-    error: type[Exception] = ConfigError,
-) -> Any:
-    """:func:`agent.io.read_data_file` with a :class:`ConfigError` by default."""
-    return _read_data_file(path, what, language, error)
-
-
 def load_config(
     path: str | os.PathLike[str] | None, overrides: list[str] | None = None
 ) -> RunConfig:
@@ -442,7 +431,7 @@ def load_config(
     source = "<defaults>"
     if path is not None:
         p = Path(path)
-        loaded = read_data_file(p, "config file", "YAML")
+        loaded = read_data_file(p, "config file", "YAML", error=ConfigError)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(
                 f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}"

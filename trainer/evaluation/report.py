@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.io import atomic_write_text
-from trainer.config import read_data_file
+from agent.io import atomic_write_text, read_data_file
 from trainer.evaluation.compare import paired_differences, verdict
 from trainer.evaluation.intervals import Bootstrap
 from trainer.evaluation.sidecar import sidecar_path
